@@ -1,0 +1,32 @@
+"""Encoder backends: interchangeable implementations of the masked ConvNeXt V2 encoder.
+
+A backend is a function `forward(encoder, imgs, mask) -> latent` over the parameters of a
+`ConvNeXtV2Encoder`; all backends share that one parameter layout, so a model trained with
+one runs with any other.
+"""
+from fcmae.models.backends.dense import dense_forward
+from fcmae.models.backends.sparse import sparse_forward
+
+BACKENDS = {
+    "dense": dense_forward,
+    "sparse": sparse_forward,
+}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def resolve_backend(name, device=None):
+    """The concrete backend for `name`; "auto" picks the fastest installed exact backend."""
+    if name == "auto":
+        # The pure-PyTorch sparse backend is the fastest exact one installed on every device
+        # measured so far (see README, Benchmarks).
+        return "sparse"
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKEND_CHOICES)}")
+    return name
+
+
+def get_backend(name):
+    return BACKENDS[resolve_backend(name)]
+
+
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "resolve_backend", "get_backend"]

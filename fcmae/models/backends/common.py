@@ -1,0 +1,62 @@
+"""Pieces shared by the encoder backends.
+
+Each backend walks the same timm modules and reads their parameters; only the spatial
+operations (depthwise 7x7 conv, 2x2 downsampling) and the GRN's sum over positions differ.
+The per-location layers below take channels-last tensors, (..., C), whatever the leading
+shape: (N, H, W, C) in the dense backend, (visible rows, C) in the sparse one.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def patch_visibility(mask, grid_h, grid_w):
+    """(N, L) mask with 1 = removed -> (N, h, w) bool, True where the patch is visible."""
+    return mask.reshape(mask.shape[0], grid_h, grid_w) == 0
+
+
+def upsample_visibility(visible, factor):
+    """Nearest-neighbour upsampling of an (N, h, w) visibility map by an integer factor."""
+    return visible.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def stage_factors(num_stages=4):
+    """Upsampling factor from the patch grid to the resolution of each stage: 8, 4, 2, 1."""
+    return [2 ** (num_stages - 1 - i) for i in range(num_stages)]
+
+
+def layer_norm(x, norm):
+    """LayerNorm over the last (channel) dim with the parameters of timm's LayerNorm or LayerNorm2d."""
+    return F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps)
+
+
+def linear(x, layer):
+    """A Linear layer or a 1x1 Conv2d applied to channels-last rows."""
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
+
+
+def stats_dtype(x):
+    """Norms are summed in at least float32, also under bf16/fp16 autocast."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def grn(x, norms, module):
+    """GlobalResponseNorm of channels-last `x` given per-sample, per-channel L2 norms.
+
+    `norms` broadcasts against `x` and holds, for each row's sample, the L2 norm of that
+    channel over the sample's visible positions only (the paper's masked formulation).
+    gamma * (x * n) + beta + x is computed as x * (1 + gamma * n) + beta: the factor is one
+    value per sample and channel, so the full-size tensor is touched once, not three times.
+    """
+    scale = norms / (norms.mean(dim=-1, keepdim=True) + module.eps)
+    return torch.addcmul(module.bias, x, 1.0 + module.weight * scale)
+
+
+def block_pointwise(block, y, apply_grn):
+    """The per-location half of a ConvNeXt V2 block: LayerNorm, fc1, GELU, GRN, fc2.
+
+    `apply_grn(h, module)` runs the GRN `module` on the hidden activations `h`, taking each
+    sample's norms over its visible positions only.
+    """
+    mlp = block.mlp
+    h = mlp.act(linear(layer_norm(y, block.norm), mlp.fc1))
+    return linear(apply_grn(h, mlp.grn), mlp.fc2)

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+import fcmae
+
+# CUDA runs too wherever a GPU is present; CPU always.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def randomize_(model, seed=0, scale=0.1):
+    """Give the parameters that start constant (LayerNorm, GRN gamma/beta, biases, the mask
+    token) random values, so that a wrong GRN or a mishandled bias cannot hide behind an
+    identity at initialisation. Conv and Linear weights keep their random init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.dim() > 1 and name != "mask_token":
+                    continue
+                noise = (torch.randn(p.shape, generator=gen) * scale).to(p)
+                is_gain = isinstance(module, torch.nn.LayerNorm) and name == "weight"
+                p.copy_(1.0 + noise if is_gain else noise)
+    return model
+
+
+def rel_err(a, b):
+    """Largest absolute difference relative to the largest magnitude of the reference."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def fixed_probe(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def make_model():
+    def make(name="convnextv2_atto", seed=0, **kwargs):
+        torch.manual_seed(seed)
+        return randomize_(fcmae.create_model(name, **kwargs), seed=seed)
+    return make

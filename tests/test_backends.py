@@ -1,0 +1,236 @@
+"""The encoder backends compute the exact submanifold-sparse ConvNeXt V2 and agree with each other."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import fcmae
+from fcmae.models.backends import BACKENDS, resolve_backend
+from fcmae.models.backends.sparse import build_grids
+from conftest import fixed_probe, rel_err
+
+BACKEND_NAMES = list(BACKENDS)
+FP32_OUT_TOL = 2e-5   # observed ~1e-6: rounding only
+FP32_GRAD_TOL = 1e-4  # observed ~2e-6
+
+
+def run_backend(model, backend, imgs, mask):
+    """latent, pred, loss and every parameter's gradient under one backend."""
+    model.set_backend(backend)
+    model.zero_grad(set_to_none=True)
+    loss, pred, _ = model(imgs, mask)
+    # the probe term sends a gradient everywhere, also when nothing is masked (loss == 0)
+    (loss + (pred * fixed_probe(pred.shape).to(pred)).mean()).backward()
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    latent = model.forward_encoder(imgs, mask).detach()
+    return latent, pred.detach(), loss.detach(), grads
+
+
+AGREEMENT_CASES = [
+    # model, (H, W), mask ratio, batch, in_chans
+    ("convnextv2_atto", (224, 224), 0.6, 4, 3),
+    ("convnextv2_atto", (64, 64), 0.0, 1, 3),
+    ("convnextv2_femto", (256, 192), 0.6, 1, 3),
+    ("convnextv2_pico", (224, 160), 0.9, 4, 3),
+    ("convnextv2_nano", (96, 64), 0.6, 4, 1),
+    ("convnextv2_tiny", (128, 96), 0.6, 1, 3),
+    ("convnextv2_tiny", (224, 224), 0.9, 1, 1),
+    pytest.param("convnextv2_base", (96, 96), 0.6, 4, 3, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("name,size,ratio,batch,in_chans", AGREEMENT_CASES)
+def test_backends_agree_fp32(make_model, device, name, size, ratio, batch, in_chans):
+    model = make_model(name, mask_ratio=ratio, in_chans=in_chans, decoder_embed_dim=128).to(device)
+    torch.manual_seed(1)
+    imgs = torch.randn(batch, in_chans, *size, device=device)
+    mask = model.random_mask(imgs)
+    ref = run_backend(model, "dense", imgs, mask)
+    out = run_backend(model, "sparse", imgs, mask)
+    assert ref[0].shape == (batch, model.encoder.num_features, size[0] // 32, size[1] // 32)
+    assert ref[0].abs().max() > 0 or ratio > 0.85  # a real latent, not zeros
+    assert rel_err(out[0], ref[0]) < FP32_OUT_TOL
+    assert rel_err(out[1], ref[1]) < FP32_OUT_TOL
+    assert abs(out[2].item() - ref[2].item()) <= FP32_OUT_TOL * max(1.0, abs(ref[2].item()))
+    assert ref[3].keys() == out[3].keys()
+    for key in ref[3]:
+        assert torch.isfinite(out[3][key]).all(), key
+        assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, key
+
+
+def test_backends_agree_to_float64_precision(make_model):
+    """In float64 the backends differ by ~1e-15: the fp32 differences above are rounding."""
+    model = make_model("convnextv2_atto", decoder_embed_dim=64).double()
+    imgs = torch.randn(2, 3, 224, 192, dtype=torch.float64)
+    mask = model.random_mask(imgs)
+    ref = run_backend(model, "dense", imgs, mask)
+    out = run_backend(model, "sparse", imgs, mask)
+    assert rel_err(out[0], ref[0]) < 1e-12
+    assert rel_err(out[1], ref[1]) < 1e-12
+    for key in ref[3]:
+        assert rel_err(out[3][key], ref[3][key]) < 1e-10, key
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_masked_pixels_never_reach_visible_positions(make_model, device, backend):
+    model = make_model(backend=backend).to(device)
+    imgs = torch.randn(3, 3, 224, 224, device=device)
+    mask = model.random_mask(imgs)
+    removed = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, 32 * 32 * 3)).bool()
+    other = torch.where(removed, 100 * torch.randn_like(imgs), imgs)  # wild masked pixels
+    with torch.no_grad():
+        a, b = model.forward_encoder(imgs, mask), model.forward_encoder(other, mask)
+    latent_removed = mask.view(3, 1, 7, 7).bool().expand_as(a)
+    assert (a[latent_removed] == 0).all() and (b[latent_removed] == 0).all()
+    assert rel_err(b, a) < FP32_OUT_TOL
+
+    # and in the backward pass: no gradient flows from the visible latent to masked pixels
+    x = imgs.clone().requires_grad_()
+    model.forward_encoder(x, mask).pow(2).sum().backward()
+    assert (x.grad[removed] == 0).all()
+    assert x.grad[~removed].abs().max() > 0
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_a_sample_does_not_depend_on_its_batch_mates(make_model, device, backend):
+    """GRN is per sample (the official MinkowskiEngine GRN pools over the whole batch)."""
+    model = make_model(backend=backend).to(device)
+    imgs = torch.randn(4, 3, 224, 224, device=device)
+    mask = model.random_mask(imgs)
+    with torch.no_grad():
+        together = model.forward_encoder(imgs, mask)
+        for i in range(4):
+            alone = model.forward_encoder(imgs[i:i + 1], mask[i:i + 1])
+            assert rel_err(alone, together[i:i + 1]) < FP32_OUT_TOL
+        # a different batch mate changes nothing either
+        swapped = torch.cat([imgs[:1], torch.randn_like(imgs[1:])])
+        assert rel_err(model.forward_encoder(swapped, mask)[0], together[0]) < FP32_OUT_TOL
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+@pytest.mark.parametrize("edge", ["last_row", "last_column", "first_row_and_column"])
+def test_latent_is_never_shrunk(make_model, backend, edge):
+    """The official code's x.dense() returns 6x7 when the last patch row is masked in the whole
+    batch, and its decoder crashes; ours always returns the full grid."""
+    model = make_model(backend=backend)
+    imgs = torch.randn(2, 3, 224, 224)
+    mask = torch.zeros(2, 7, 7)
+    if edge == "last_row":
+        mask[:, -1, :] = 1
+    elif edge == "last_column":
+        mask[:, :, -1] = 1
+    else:
+        mask[:, 0, :] = 1
+        mask[:, :, 0] = 1
+    mask = mask.flatten(1)
+    latent = model.forward_encoder(imgs, mask)
+    assert latent.shape == (2, 320, 7, 7)
+    loss, pred, _ = model(imgs, mask)
+    assert pred.shape == (2, 32 * 32 * 3, 7, 7)
+    assert torch.isfinite(loss)
+
+
+def test_uneven_masks_agree_and_keep_gradients_finite(make_model):
+    """A user mask may keep a different number of patches per sample, even none or all."""
+    model = make_model(decoder_embed_dim=64)
+    imgs = torch.randn(4, 3, 128, 96)
+    mask = (torch.rand(4, 12, generator=torch.Generator().manual_seed(3)) < 0.5).float()
+    mask[0] = 0  # everything visible
+    mask[1] = 1  # nothing visible
+    assert len(set((1 - mask).sum(1).tolist())) > 2
+    ref = run_backend(model, "dense", imgs, mask)
+    out = run_backend(model, "sparse", imgs, mask)
+    assert (ref[0][1] == 0).all() and (out[0][1] == 0).all()
+    assert rel_err(out[0], ref[0]) < FP32_OUT_TOL
+    assert rel_err(out[1], ref[1]) < FP32_OUT_TOL
+    for key in ref[3]:
+        assert torch.isfinite(out[3][key]).all() and torch.isfinite(ref[3][key]).all(), key
+        assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, key
+
+
+def test_each_stage_keeps_exactly_the_visible_set():
+    mask = (torch.rand(3, 20) < 0.6).float()  # 160x128 image: 5x4 patches
+    grids = build_grids(mask, 160, 128)
+    visible = (mask == 0).view(3, 5, 4)
+    for stage, grid in enumerate(grids):
+        factor = 2 ** (3 - stage)
+        expected = visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
+        assert grid.shape == tuple(expected.shape)
+        assert torch.equal(grid.index, expected.flatten().nonzero().squeeze(1))
+        if stage > 0:
+            finer = grids[stage - 1]
+            cells = grid.cell_rows(finer)
+            assert (cells >= 0).all()  # every child of a visible cell is visible
+            fine_index = finer.index[cells]  # (rows, 4) flat positions at twice the resolution
+            _, fh, fw = finer.shape
+            fy, fx = (fine_index % (fh * fw)) // fw, fine_index % fw
+            _, h, w = grid.shape
+            y, x = (grid.index % (h * w)) // w, grid.index % w
+            assert torch.equal(fy // 2, y.unsqueeze(1).expand_as(fy))
+            assert torch.equal(fx // 2, x.unsqueeze(1).expand_as(fx))
+            assert torch.equal(fy % 2 * 2 + fx % 2, torch.arange(4).expand_as(fy))
+
+
+def pointwise_flops(model, imgs, mask):
+    """Matmul FLOPs (forward and backward) of the encoder: its per-location layers.
+
+    Convolutions are left out: torch's FlopCounterMode counts a grouped conv's backward as if
+    it were dense, which would swamp the figure."""
+    with FlopCounterMode(display=False) as counter:
+        model.forward_encoder(imgs, mask).sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    return sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm", "bmm"))
+
+
+def test_sparse_cost_falls_with_the_mask_ratio(make_model):
+    model = make_model()
+    imgs = torch.randn(2, 3, 224, 224)
+    flops = {}
+    for ratio in (0.0, 0.6, 0.9):
+        model.mask_ratio = ratio
+        torch.manual_seed(0)
+        mask = model.random_mask(imgs)
+        for backend in BACKEND_NAMES:
+            model.set_backend(backend)
+            flops[backend, ratio] = pointwise_flops(model, imgs, mask)
+    assert flops["dense", 0.6] == flops["dense", 0.0] == flops["dense", 0.9]
+    assert flops["sparse", 0.9] < flops["sparse", 0.6] < flops["sparse", 0.0]
+    # the sparse backend's per-location work is proportional to the visible fraction (19/49 at
+    # 0.6, 4/49 at 0.9); with nothing masked it equals the dense backend's, plus the stem and
+    # downsampling convs, which it runs as matmuls
+    assert flops["sparse", 0.0] < 1.1 * flops["dense", 0.0]
+    assert flops["sparse", 0.6] == pytest.approx(19 / 49 * flops["sparse", 0.0], rel=1e-6)
+    assert flops["sparse", 0.9] == pytest.approx(4 / 49 * flops["sparse", 0.0], rel=1e-6)
+
+
+def test_backend_choice_and_switching(make_model):
+    assert resolve_backend("auto") == "sparse"
+    assert fcmae.create_model("convnextv2_atto").backend == "sparse"
+    model = make_model(backend="dense")
+    assert model.backend == "dense"
+    assert model.set_backend("sparse").backend == "sparse"
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, dense, sparse"):
+        model.set_backend("cuda")
+
+
+def test_backends_share_one_state_dict():
+    a = fcmae.create_model("convnextv2_atto", backend="dense")
+    b = fcmae.create_model("convnextv2_atto", backend="sparse")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    b.load_state_dict(a.state_dict(), strict=True)
+    imgs = torch.randn(1, 3, 64, 64)
+    mask = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
+    with torch.no_grad():
+        assert rel_err(b.forward_encoder(imgs, mask), a.forward_encoder(imgs, mask)) < FP32_OUT_TOL
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_bf16_autocast_runs_and_stays_close(make_model, backend):
+    model = make_model(backend=backend, decoder_embed_dim=64)
+    imgs = torch.randn(2, 3, 128, 128)
+    mask = model.random_mask(imgs)
+    with torch.no_grad():
+        ref, _, _ = model(imgs, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, pred, _ = model(imgs, mask)
+    assert torch.isfinite(loss)
+    assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
