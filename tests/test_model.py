@@ -230,3 +230,15 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 5))
     with pytest.raises(ValueError, match="mask values must be 0"):
         model(torch.randn(1, 3, 64, 64), torch.full((1, 4), 0.5))
+
+
+def test_decoder_blocks_compute_timms_convnextv2_block(make_model):
+    """The decoder runs its timm blocks through the project's fast block code: same result."""
+    from fcmae.models.backends.dense import dense_block
+
+    model = make_model(decoder_depth=2, decoder_embed_dim=64)
+    x = torch.randn(2, 64, 7, 5)
+    with torch.no_grad():
+        for block in model.decoder:
+            assert rel_err(dense_block(block, x), block(x)) < 2e-6
+            x = block(x)

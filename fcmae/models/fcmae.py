@@ -8,6 +8,7 @@ from torch import nn
 
 from fcmae.models.backends import BACKEND_CHOICES, resolve_backend
 from fcmae.models.backends.common import linear
+from fcmae.models.backends.dense import dense_block
 from fcmae.models.convnextv2 import ENCODER_STRIDE, ConvNeXtV2Encoder, check_model_name
 
 
@@ -142,16 +143,20 @@ class FCMAE(nn.Module):
         x = linear(latent.permute(0, 2, 3, 1), self.proj)
         removed = mask.reshape(*x.shape[:3], 1).to(x.dtype)
         x = x * (1.0 - removed) + self.mask_token.reshape(-1).to(x.dtype) * removed
-        x = self.decoder(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x.permute(0, 3, 1, 2)
+        for block in self.decoder:
+            x = dense_block(block, x)
+        x = x.permute(0, 2, 3, 1)
         return linear(x, self.pred).permute(0, 3, 1, 2)
 
     def forward_loss(self, imgs, pred, mask):
         """Mean over masked patches of the per-patch mean squared error (0 if nothing is masked)."""
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
-            mean = target.mean(dim=-1, keepdim=True)
-            var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            # per-patch mean and unbiased variance, written out: Tensor.var is slow on CPU
+            centered = target - target.mean(dim=-1, keepdim=True)
+            var = centered.square().sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+            target = centered * (var + 1.0e-6).rsqrt()
         pred = pred.float().permute(0, 2, 3, 1).reshape(target.shape)
         per_patch = (pred - target).square().mean(dim=-1)
         mask = mask.float()

@@ -39,6 +39,15 @@ def stats_dtype(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def channel_norms(x, dim):
+    """L2 norm of each channel of channels-last `x` over `dim`, summed in at least float32.
+
+    A sum of squares, which is several times faster on CPU than torch.linalg.vector_norm over
+    a non-innermost dim; the clamp keeps the gradient finite where a norm is zero."""
+    sum_sq = x.to(stats_dtype(x)).square().sum(dim=dim, keepdim=True)
+    return sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt()
+
+
 def grn(x, norms, module):
     """GlobalResponseNorm of channels-last `x` given per-sample, per-channel L2 norms.
 

@@ -7,13 +7,25 @@ visible position. Visible outputs equal those of the submanifold-sparse network.
 import torch
 
 from fcmae.models.backends.common import (
-    block_pointwise, grn, layer_norm, stats_dtype, patch_visibility, stage_factors, upsample_visibility,
+    block_pointwise, channel_norms, grn, layer_norm, patch_visibility, stage_factors, upsample_visibility,
 )
 
 
-def masked_norms(h, m):
-    """Per-sample channel L2 norms of channels-last `h` over the positions where `m` is 1."""
-    return torch.linalg.vector_norm(h * m, dim=(1, 2), keepdim=True, dtype=stats_dtype(h))
+def dense_block(block, x, mask=None):
+    """One ConvNeXt V2 block on an (N, C, H, W) map.
+
+    mask: (N, H, W, 1) float, 1 where visible, or None for a fully visible map (the decoder).
+    `x` must already be zero at masked positions; the output is too.
+    """
+    y = block.conv_dw(x).permute(0, 2, 3, 1)
+
+    def apply_grn(h, module):
+        return grn(h, channel_norms(h if mask is None else h * mask, dim=(1, 2)), module)
+
+    y = block_pointwise(block, y, apply_grn)
+    if mask is not None:
+        y = y * mask
+    return x + y.permute(0, 3, 1, 2)
 
 
 def dense_forward(encoder, imgs, mask):
@@ -25,13 +37,10 @@ def dense_forward(encoder, imgs, mask):
     # channels-last memory keeps the depthwise convs fast and the permutes below free
     x = encoder.stem(imgs).contiguous(memory_format=torch.channels_last) * masks[0].permute(0, 3, 1, 2)
     for i, stage in enumerate(encoder.stages):
-        m = masks[i]
         if i > 0:
             ds_norm, ds_conv = stage.downsample
             x = layer_norm(x.permute(0, 2, 3, 1), ds_norm) * masks[i - 1]
-            x = ds_conv(x.permute(0, 3, 1, 2)) * m.permute(0, 3, 1, 2)
+            x = ds_conv(x.permute(0, 3, 1, 2)) * masks[i].permute(0, 3, 1, 2)
         for block in stage.blocks:
-            y = block.conv_dw(x).permute(0, 2, 3, 1)
-            y = block_pointwise(block, y, lambda h, module, m=m: grn(h, masked_norms(h, m), module))
-            x = x + (y * m).permute(0, 3, 1, 2)
+            x = dense_block(block, x, masks[i])
     return x

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fcmae.models.backends.common import (
-    block_pointwise, grn, layer_norm, stats_dtype, patch_visibility, stage_factors, upsample_visibility,
+    block_pointwise, channel_norms, grn, layer_norm, patch_visibility, stage_factors, stats_dtype,
+    upsample_visibility,
 )
 
 
@@ -60,7 +61,7 @@ class VisibleGrid:
         n, channels = self.shape[0], rows.shape[1]
         if self.uniform:
             per_sample = rows.reshape(n, -1, channels)
-            norms = torch.linalg.vector_norm(per_sample, dim=1, keepdim=True, dtype=stats_dtype(rows))
+            norms = channel_norms(per_sample, dim=1)
             return grn(per_sample, norms, module).reshape(rows.shape)
         sum_sq = rows.new_zeros(n, channels, dtype=stats_dtype(rows))
         sum_sq = sum_sq.index_add(0, self.sample, rows.to(sum_sq.dtype).square())
