@@ -43,8 +43,12 @@ def channel_norms(x, dim):
     """L2 norm of each channel of channels-last `x` over `dim`, summed in at least float32.
 
     A sum of squares, which is several times faster on CPU than torch.linalg.vector_norm over
-    a non-innermost dim; the clamp keeps the gradient finite where a norm is zero."""
-    sum_sq = x.to(stats_dtype(x)).square().sum(dim=dim, keepdim=True)
+    a non-innermost dim."""
+    return sqrt_of_sum_sq(x.to(stats_dtype(x)).square().sum(dim=dim, keepdim=True))
+
+
+def sqrt_of_sum_sq(sum_sq):
+    """sqrt with a finite gradient at 0 (a zero channel, or a sample with nothing visible)."""
     return sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt()
 
 

@@ -3,8 +3,8 @@
 Features live as a (rows, C) matrix holding only the visible locations of a stage, in
 row-major (sample, y, x) order. LayerNorm, both MLP layers, GELU and GRN act on those rows,
 so their cost falls with the mask ratio. The depthwise 7x7 conv scatters the rows into a
-zero-filled channels-last map, runs one dense depthwise conv (cheap, and the fastest kernel
-on every device) and gathers the visible outputs back: with masked inputs at zero this is
+zero-filled channels-last map, runs the library's dense depthwise conv kernel over it and
+gathers the visible outputs back: with masked inputs at zero this is
 exactly the submanifold sparse convolution. Patches align with the encoder's total stride,
 so each 2x2 downsampling cell is either wholly visible or wholly masked; the downsampling
 conv is a Linear layer over the four gathered rows of each visible cell.
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fcmae.models.backends.common import (
-    block_pointwise, channel_norms, grn, layer_norm, patch_visibility, stage_factors, stats_dtype,
-    upsample_visibility,
+    block_pointwise, channel_norms, grn, layer_norm, patch_visibility, sqrt_of_sum_sq, stage_factors,
+    stats_dtype, upsample_visibility,
 )
 
 
@@ -65,9 +65,7 @@ class VisibleGrid:
             return grn(per_sample, norms, module).reshape(rows.shape)
         sum_sq = rows.new_zeros(n, channels, dtype=stats_dtype(rows))
         sum_sq = sum_sq.index_add(0, self.sample, rows.to(sum_sq.dtype).square())
-        # the clamp keeps the gradient finite for a zero channel or a sample with nothing visible
-        norms = sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt()
-        return grn(rows, norms.index_select(0, self.sample), module)
+        return grn(rows, sqrt_of_sum_sq(sum_sq).index_select(0, self.sample), module)
 
 
 def build_grids(mask, height, width):
