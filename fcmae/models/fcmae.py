@@ -149,18 +149,35 @@ class FCMAE(nn.Module):
         x = x.permute(0, 2, 3, 1)
         return linear(x, self.pred).permute(0, 3, 1, 2)
 
+    def _patch_stats(self, target):
+        """Per-patch mean and (unbiased variance + 1e-6)^0.5 of (N, L, D) patches, as the official
+        norm_pix_loss. Written out: Tensor.var is several times slower on CPU."""
+        mean = target.mean(dim=-1, keepdim=True)
+        var = (target - mean).square().sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
+        return mean, (var + 1.0e-6).sqrt()
+
     def forward_loss(self, imgs, pred, mask):
         """Mean over masked patches of the per-patch mean squared error (0 if nothing is masked)."""
         target = self.patchify(imgs).float()
         if self.norm_pix_loss:
-            # per-patch mean and unbiased variance, written out: Tensor.var is slow on CPU
-            centered = target - target.mean(dim=-1, keepdim=True)
-            var = centered.square().sum(dim=-1, keepdim=True) / (target.shape[-1] - 1)
-            target = centered * (var + 1.0e-6).rsqrt()
+            mean, std = self._patch_stats(target)
+            target = (target - mean) / std
         pred = pred.float().permute(0, 2, 3, 1).reshape(target.shape)
         per_patch = (pred - target).square().mean(dim=-1)
         mask = mask.float()
         return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def reconstruct(self, imgs, pred, mask):
+        """Images with the predicted pixels in the masked patches and the original ones elsewhere
+        (predictions un-normalised with each patch's own statistics when norm_pix_loss)."""
+        target = self.patchify(imgs).float()
+        pred = pred.float().permute(0, 2, 3, 1).reshape(target.shape)
+        if self.norm_pix_loss:
+            mean, std = self._patch_stats(target)
+            pred = pred * std + mean
+        removed = mask.float().unsqueeze(-1)
+        patches = target * (1.0 - removed) + pred * removed
+        return self.unpatchify(patches, grid=self.grid_size(imgs))
 
     def forward(self, imgs, mask=None):
         """`loss, pred, mask` for an image batch (N, C, H, W), H and W multiples of 32.

@@ -1,0 +1,87 @@
+"""Command-line and YAML configuration shared by the training scripts.
+
+Flags keep the official ConvNeXt V2 script names (`--batch_size`, `--blr`, ...). A YAML file
+given with `--config` holds the same names as keys; flags on the command line override it.
+Every bad value stops the script with one sentence naming the problem, never a traceback.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A bad setting: the message is one sentence a user can act on."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that prints only `prog: error: message` (no usage dump) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def str2bool(value):
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def load_yaml_config(path, parser):
+    """The YAML file's settings as a dict of argument names, checked against the parser."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of argument names to values")
+    known = {action.dest: action for action in parser._actions if action.dest != "help"}
+    for key, value in values.items():
+        key = str(key).replace("-", "_")
+        if key not in known or key == "config":
+            raise ConfigError(f"config file {path} has an unknown key {key!r}; keys are the script's "
+                              "argument names, such as batch_size or blr")
+    checked = {}
+    for key, value in values.items():
+        action = known[str(key).replace("-", "_")]
+        # run values through the argument's own type, so YAML and flags agree
+        if value is not None and action.type is not None and not isinstance(value, list):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+                raise ConfigError(f"config file {path}: {action.dest}: {err}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"config file {path}: {action.dest} must be one of "
+                              f"{', '.join(map(str, action.choices))}, got {value!r}")
+        checked[action.dest] = value
+    return checked
+
+
+def parse_with_config(parser, argv=None, extra_defaults=None):
+    """Parse `argv` with defaults from `--config FILE` (and `extra_defaults(partial)` beneath it).
+
+    Precedence: command line > config file > extra defaults > the parser's defaults.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    partial, _ = parser.parse_known_args(argv)
+    file_values = {}
+    if getattr(partial, "config", None):
+        try:
+            file_values = load_yaml_config(partial.config, parser)
+        except ConfigError as err:
+            parser.error(str(err))
+    if extra_defaults is not None:
+        merged = argparse.Namespace(**{**vars(partial), **file_values})
+        # what the command line says still wins over extra defaults
+        parser.set_defaults(**extra_defaults(merged))
+    parser.set_defaults(**file_values)
+    return parser.parse_args(argv)

@@ -1,0 +1,166 @@
+"""Images for pretraining: folders of files, the bundled sample photographs, augmentation and
+a sampler that makes every batch, crop and mask a function of (seed, epoch, position).
+
+Because nothing depends on the order workers run in, on the number of processes or on where
+a run was interrupted, a resumed run sees exactly the batches the uninterrupted run saw.
+"""
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from fcmae.config import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Real photographs that scikit-image ships (no download at run time); the synthetic ones
+# (chessboard, logo, phantom, ...) are left out.
+SAMPLE_PHOTOGRAPHS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+    "microaneurysms.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png",
+    "retina.jpg", "rocket.jpg", "text.png",
+)
+
+
+def find_images(data_path):
+    """Image files under `data_path` (or `data_path/train` when that exists), sorted.
+
+    Class sub-folders, nested folders and flat folders all work; labels are not used.
+    """
+    root = Path(data_path)
+    if not root.exists():
+        raise ConfigError(f"--data_path {root} does not exist; point it at a folder of images "
+                          "(class sub-folders or flat), or at an ImageNet root holding train/")
+    if not root.is_dir():
+        raise ConfigError(f"--data_path {root} is a file, not a folder of images")
+    if (root / "train").is_dir():
+        root = root / "train"
+    files = []
+    for folder, subdirs, names in os.walk(root, followlinks=True):
+        subdirs.sort()
+        files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
+    if not files:
+        raise ConfigError(f"--data_path {root} holds no images (looked for {', '.join(IMG_EXTENSIONS[:6])}, "
+                          "... in it and its sub-folders)")
+    return files
+
+
+def sample_photographs():
+    """Paths of the real photographs bundled with scikit-image."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise ConfigError("the built-in sample photographs come with scikit-image; "
+                          "run `pip install scikit-image` or pass --data_path") from None
+    folder = Path(skimage.data.__file__).parent
+    files = [str(folder / name) for name in SAMPLE_PHOTOGRAPHS if (folder / name).is_file()]
+    if not files:
+        raise ConfigError(f"no sample photographs found in {folder}; pass --data_path")
+    return files
+
+
+def pretrain_transform(input_size, in_chans=3):
+    """The official FCMAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise."""
+    if in_chans not in (1, 3):
+        raise ConfigError(f"image folders give 1 (greyscale) or 3 (RGB) channels; --in_chans is {in_chans}")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
+                                     interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def view_transform(input_size, in_chans=3):
+    """Deterministic resize + centre crop, for the reconstruction pictures."""
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
+    return transforms.Compose([
+        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def sample_seed(seed, epoch, index):
+    """A seed for one sample's augmentation, different for every (seed, epoch, index)."""
+    return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as augmented tensors; items are looked up by (index, epoch).
+
+    The augmentation of item (index, epoch) is seeded from (seed, epoch, index). An unreadable
+    file is skipped with a warning naming it, and the next readable file stands in; each item
+    returns how many files it skipped, so the training loop can count them.
+    """
+
+    def __init__(self, files, transform, in_chans=3, seed=0, repeats=1):
+        self.files = list(files)
+        self.transform = transform
+        self.mode = "RGB" if in_chans == 3 else "L"
+        self.seed = seed
+        self.repeats = repeats  # each file counted this many times per epoch (small sets)
+
+    def __len__(self):
+        return len(self.files) * self.repeats
+
+    def load(self, index):
+        """(PIL image, files skipped) for `index`, stepping past unreadable files."""
+        for skipped in range(len(self.files)):
+            path = self.files[(index + skipped) % len(self.files)]
+            try:
+                with Image.open(path) as img:
+                    return img.convert(self.mode), skipped
+            except (OSError, ValueError, Image.DecompressionBombError) as err:
+                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+        raise RuntimeError("none of the image files could be read")
+
+    def __getitem__(self, key):
+        index, epoch = key
+        img, skipped = self.load(index % len(self.files))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.transform(img), skipped
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """Micro-batches of (index, epoch) keys for one process, from optimiser step `start_step` on.
+
+    Each epoch draws one permutation from (seed, epoch). Optimiser step t of the epoch uses
+    positions [t * G, (t + 1) * G) of it, G = batch_size * update_freq * num_processes;
+    micro-step m of process r takes its own contiguous slice. So the global batch of a step
+    does not depend on the number of processes or on gradient accumulation.
+    """
+
+    def __init__(self, dataset_size, batch_size, update_freq, num_processes, rank, seed, epoch,
+                 start_step=0):
+        self.global_batch = batch_size * update_freq * num_processes
+        self.steps = dataset_size // self.global_batch
+        self.batch_size, self.update_freq = batch_size, update_freq
+        self.num_processes, self.rank = num_processes, rank
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.dataset_size = dataset_size
+
+    def __len__(self):
+        return (self.steps - self.start_step) * self.update_freq
+
+    def positions(self, step, micro):
+        """Positions in the epoch's permutation of this process's micro-batch."""
+        start = step * self.global_batch + (micro * self.num_processes + self.rank) * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(
+            self.seed * 1_000_003 + self.epoch)).tolist()
+        for step in range(self.start_step, self.steps):
+            for micro in range(self.update_freq):
+                yield [(order[p], self.epoch) for p in self.positions(step, micro)]

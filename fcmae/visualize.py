@@ -1,0 +1,25 @@
+"""Pictures of what the model sees and reconstructs."""
+import torch
+from torchvision.utils import make_grid
+
+
+def denormalize(imgs, mean, std):
+    mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+    return (imgs * std + mean).clamp(0, 1)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, imgs, mask, mean, std):
+    """A (3, H, W) picture in [0, 1]: one row per image, columns original / masked input /
+    reconstruction (visible patches pasted back)."""
+    _, pred, _ = model(imgs, mask)
+    recon = model.reconstruct(imgs, pred, mask)
+    removed = model.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * model.in_chans),
+                               grid=model.grid_size(imgs))
+    original = denormalize(imgs.float(), mean, std)
+    masked = original * (1 - removed) + 0.5 * removed  # masked patches shown grey
+    rows = torch.stack([original, masked, denormalize(recon, mean, std)], dim=1).flatten(0, 1)
+    if rows.shape[1] == 1:
+        rows = rows.expand(-1, 3, -1, -1)
+    return make_grid(rows.cpu(), nrow=3, padding=2, pad_value=1.0)
