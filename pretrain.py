@@ -33,6 +33,7 @@ from fcmae.models import BACKEND_CHOICES, list_models, random_patch_mask
 from fcmae.training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 from fcmae.training.optim import cosine_lr, param_groups, set_lr
 from fcmae.visualize import reconstruction_grid
+from fcmae.weights import WeightsError, load_into
 
 # Settings for a plain `python pretrain.py` (no --data_path): a few minutes on a laptop CPU.
 # Flags and --config still override each of them.
@@ -85,7 +86,10 @@ def get_args_parser():
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: what `accelerate config` / `accelerate launch` set")
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--resume", default="", help="checkpoint folder to resume from")
+    p.add_argument("--resume", default="",
+                   help="checkpoint folder to resume from, or a weights file with its epoch (an official "
+                        "main_pretrain.py checkpoint: weights and epoch carry over, the optimiser starts afresh)")
+    p.add_argument("--init", default="", help="start from these weights (any layout fcmae.weights reads)")
     p.add_argument("--auto_resume", default=True, type=str2bool,
                    help="continue from the newest checkpoint in output_dir")
     p.add_argument("--save_ckpt", default=True, type=str2bool)
@@ -118,8 +122,9 @@ def check_args(args):
         raise ConfigError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
     if args.max_steps is not None and args.max_steps < 1:
         raise ConfigError(f"--max_steps must be at least 1, got {args.max_steps}")
-    if args.resume and not Path(args.resume).is_dir():
-        raise ConfigError(f"--resume {args.resume} is not a checkpoint folder (output_dir/checkpoints/checkpoint-N)")
+    for name in ("resume", "init"):
+        if getattr(args, name) and not Path(getattr(args, name)).exists():
+            raise ConfigError(f"--{name} {getattr(args, name)} does not exist")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; leave --device out to use the CPU")
 
@@ -171,6 +176,17 @@ def main(argv=None):
         norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans,
     )
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    resume_file = args.resume if args.resume and Path(args.resume).is_file() else ""
+    loaded = None
+    for weights_path in filter(None, [args.init, resume_file]):
+        try:
+            loaded = load_into(model, weights_path)
+        except WeightsError as err:
+            parser.error(f"{weights_path}: {err}")
+        dropped = loaded["dropped"]
+        say(f"loaded the {loaded['loaded']} from {weights_path}"
+            + (f"; left out of it: {', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''}" if dropped else "")
+            + ("; the decoder starts from its initialisation" if loaded["not_loaded"] else ""))
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
@@ -178,10 +194,15 @@ def main(argv=None):
     accelerator.register_for_checkpointing(state)
 
     ckpt_dir = out / "checkpoints" if out else None
-    resume_from = args.resume or (latest_checkpoint(ckpt_dir) if args.auto_resume and ckpt_dir else None)
+    resume_from = (args.resume if not resume_file else None) or (
+        latest_checkpoint(ckpt_dir) if args.auto_resume and ckpt_dir and not resume_file else None)
     if resume_from:
         accelerator.load_state(str(resume_from))
         say(f"resumed from {resume_from} at epoch {state.epoch}, step {state.global_step}")
+    elif resume_file:
+        state.epoch = int(loaded["extras"].get("epoch", -1)) + 1
+        state.global_step = state.epoch * steps_per_epoch
+        say(f"continuing from {resume_file} at epoch {state.epoch}, with a fresh optimiser state")
     else:
         state.epoch = args.start_epoch
         state.global_step = args.start_epoch * steps_per_epoch

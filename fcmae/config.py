@@ -44,7 +44,10 @@ def load_yaml_config(path, parser):
         raise ConfigError(f"config file {path} is not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of argument names to values")
-    known = {action.dest: action for action in parser._actions if action.dest != "help"}
+    known = {}
+    for action in parser._actions:  # the first action of a dest carries its type (--x before --no_x)
+        if action.dest != "help":
+            known.setdefault(action.dest, action)
     for key, value in values.items():
         key = str(key).replace("-", "_")
         if key not in known or key == "config":

@@ -208,7 +208,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
     (["--mask_ratio", "-0.2"], r"--mask_ratio must be in \[0, 1\)"),
     (["--data_path", "/no/such/folder"], "--data_path /no/such/folder does not exist"),
     (["--batch_size", "0"], "--batch_size must be at least 1"),
-    (["--resume", "/no/such/checkpoint"], "is not a checkpoint folder"),
+    (["--resume", "/no/such/checkpoint"], "--resume /no/such/checkpoint does not exist"),
+    (["--init", "/no/such/weights.pt"], "--init /no/such/weights.pt does not exist"),
 ])
 def test_bad_arguments_stop_with_one_sentence(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -1,0 +1,305 @@
+"""Weights in and out: load any ConvNeXt V2 / FCMAE checkpoint strictly, export encoders.
+
+    sd = fcmae.weights.load("convnextv2_base_1k_224_fcmae.pt")    # -> this project's layout
+    fcmae.weights.load_into(model, "checkpoint-1599.pth")          # strict; reports what it left out
+    fcmae.weights.export(model, "timm", "encoder.safetensors")     # or "official", "hf"
+
+Read: this project's checkpoints and encoders, timm state dicts, the official dense layout (the
+released *_fcmae.pt files and fine-tuned models), the official MinkowskiEngine FCMAE training
+checkpoints, and Hugging Face ConvNextV2 folders. Nothing is loaded partially without saying so:
+a missing, unexpected or mis-shaped tensor raises WeightsError with the list; the only tensors
+ever left out are a classifier head (and its norm), and the decoder when only an encoder is
+wanted, and those are reported.
+"""
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fcmae.models.convnextv2 import MODEL_SPECS
+from fcmae.models.fcmae import FCMAE, create_model
+from fcmae.weights.layouts import LAYOUTS, decoder_rows, encoder_rows, their_shape, to_ours, to_theirs
+
+EXPORT_FORMATS = ("timm", "official", "hf")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded as asked; the message lists what is wrong."""
+
+
+@dataclass
+class Architecture:
+    name: str
+    in_chans: int
+    decoder_depth: int | None = None      # None: the weights hold no decoder
+    decoder_embed_dim: int | None = None
+
+    @property
+    def has_decoder(self):
+        return self.decoder_depth is not None
+
+    def create_model(self, **kwargs):
+        extra = {}
+        if self.has_decoder:
+            extra = dict(decoder_depth=self.decoder_depth, decoder_embed_dim=self.decoder_embed_dim)
+        return create_model(self.name, in_chans=self.in_chans, **extra, **kwargs)
+
+
+# ----- reading files ----------------------------------------------------------------------------
+
+def read_state_dict(source):
+    """(state dict, extras) from a path or a dict; extras holds e.g. the epoch of a training
+    checkpoint. Handles folders (accelerate checkpoints, Hugging Face), .safetensors, and torch
+    files (plain or wrapped in {"model": ...} / {"state_dict": ...}, DDP "module." prefixes)."""
+    extras = {}
+    if isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if path.is_dir():
+            files = [path / "model.safetensors", path / "pytorch_model.bin"]
+            found = next((f for f in files if f.is_file()), None)
+            if found is None:
+                raise WeightsError(f"{path} holds no model.safetensors or pytorch_model.bin")
+            path = found
+        if not path.is_file():
+            raise WeightsError(f"{path} does not exist")
+        if path.suffix == ".safetensors":
+            data = load_file(str(path))
+        else:
+            try:
+                # official training checkpoints carry their argparse.Namespace
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    data = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable file gets the same sentence
+                raise WeightsError(f"{path} is not a readable weights file ({type(err).__name__}: "
+                                   f"{str(err).splitlines()[0][:200]})") from None
+    if not isinstance(data, dict):
+        raise WeightsError("the weights file does not hold a state dict")
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(data.get(wrapper), dict):
+            extras = {k: v for k, v in data.items() if k != wrapper and isinstance(v, (int, float, str))}
+            data = data[wrapper]
+            break
+    state = {k.removeprefix("module."): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise WeightsError("the weights file holds no tensors")
+    return state, extras
+
+
+# ----- recognising a layout ------------------------------------------------------------------------
+
+# per layout: (stem conv key, regex of a block's depthwise-conv key with stage and block groups)
+_SIGNATURES = {
+    "fcmae": ("encoder.stem.0.weight", r"encoder\.stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.weight"),
+    "minkowski": ("encoder.downsample_layers.0.0.weight", r"encoder\.stages\.(\d+)\.(\d+)\.dwconv\.kernel"),
+    "timm": ("stem.0.weight", r"stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.weight"),
+    "official": ("downsample_layers.0.0.weight", r"stages\.(\d+)\.(\d+)\.dwconv\.weight"),
+    "hf": ("embeddings.patch_embeddings.weight", r"encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.weight"),
+}
+# tensors a layout may carry that an encoder never has: classifier heads and their norms
+_CLASSIFIER = {
+    "timm": r"head\..*", "official": r"(head|norm)\..*", "hf": r"(layernorm|pooler|classifier)\..*",
+    "fcmae": r"$^", "minkowski": r"$^",
+}
+
+
+def detect_layout(state):
+    for layout in ("fcmae", "minkowski", "hf", "timm", "official"):
+        stem_key, block_re = _SIGNATURES[layout]
+        if stem_key in state and any(re.fullmatch(block_re, k) for k in state):
+            return layout
+    sample = ", ".join(sorted(state)[:5])
+    raise WeightsError(f"these weights are in no ConvNeXt V2 layout this project knows (first keys: {sample}); "
+                       f"known layouts: {', '.join(LAYOUTS)}")
+
+
+def infer_architecture(state, layout):
+    stem_key, block_re = _SIGNATURES[layout]
+    dim0, in_chans = state[stem_key].shape[:2]
+    depths = [0, 0, 0, 0]
+    for key in state:
+        if m := re.fullmatch(block_re, key):
+            stage, block = int(m.group(1)), int(m.group(2))
+            if stage < 4:
+                depths[stage] = max(depths[stage], block + 1)
+    name = next((n for n, s in MODEL_SPECS.items() if s.depths == tuple(depths) and s.dims[0] == dim0), None)
+    if name is None:
+        raise WeightsError(f"the weights have depths {depths} and stem width {dim0}, which match no "
+                           f"ConvNeXt V2 size ({', '.join(MODEL_SPECS)})")
+    arch = Architecture(name, int(in_chans))
+    if layout in ("fcmae", "minkowski") and "proj.weight" in state:
+        block_key = r"decoder\.(\d+)\.conv_dw\.weight" if layout == "fcmae" else r"decoder\.(\d+)\.dwconv\.weight"
+        blocks = [int(m.group(1)) for k in state if (m := re.fullmatch(block_key, k))]
+        arch.decoder_depth = max(blocks) + 1 if blocks else 0
+        arch.decoder_embed_dim = int(state["proj.weight"].shape[0])
+    return arch
+
+
+def reference_shapes(arch):
+    """Our state dict's shapes for `arch`, without allocating it."""
+    with torch.device("meta"):
+        model = arch.create_model()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return shapes if arch.has_decoder else {k: s for k, s in shapes.items() if k.startswith("encoder.")}
+
+
+def _rows(arch, layout):
+    """(our key, their key, kind) for the whole layout; our keys with the 'encoder.' prefix."""
+    if layout in ("fcmae", "timm"):  # our layout, or our encoder keys without the prefix
+        return [(k, k.removeprefix("encoder.") if layout == "timm" else k, "same") for k in reference_shapes(arch)
+                if layout == "fcmae" or k.startswith("encoder.")]
+    prefix = "encoder." if layout == "minkowski" else ""
+    rows = [(f"encoder.{ours}", f"{prefix}{theirs}", kind)
+            for ours, theirs, kind in encoder_rows(MODEL_SPECS[arch.name].depths, layout)]
+    if arch.has_decoder:
+        rows += decoder_rows(arch.decoder_depth)
+    return rows
+
+
+# ----- loading -------------------------------------------------------------------------------------
+
+def _fail_if_any(what, missing, unexpected, mismatched):
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:12])}"
+                        f"{' ...' if len(unexpected) > 12 else ''}")
+    if mismatched:
+        problems.append("wrong shape: " + ", ".join(f"{k} {got} (expected {want})" for k, got, want in mismatched[:12]))
+    if problems:
+        raise WeightsError(f"{what} do not match; " + "; ".join(problems))
+
+
+def convert(state, layout=None):
+    """(our state dict, architecture, dropped keys) from a state dict in any known layout."""
+    layout = layout or detect_layout(state)
+    arch = infer_architecture(state, layout)
+    shapes = reference_shapes(arch)
+    classifier = re.compile(_CLASSIFIER[layout])
+    dropped = sorted(k for k in state if classifier.fullmatch(k))
+    state = {k: v for k, v in state.items() if k not in dropped}
+    rows = _rows(arch, layout)
+    ours, missing, mismatched = {}, [], []
+    for our_key, their_key, kind in rows:
+        if their_key not in state:
+            missing.append(their_key)
+            continue
+        tensor, want = state[their_key], their_shape(kind, shapes[our_key])
+        if tuple(tensor.shape) != want:
+            mismatched.append((their_key, tuple(tensor.shape), want))
+            continue
+        ours[our_key] = to_ours(tensor, kind, shapes[our_key])
+    used = {their for _, their, _ in rows}
+    unexpected = sorted(k for k in state if k not in used)
+    _fail_if_any(f"the {layout} weights of {arch.name}", missing, unexpected, mismatched)
+    return ours, arch, dropped
+
+
+def load(source):
+    """A state dict in this project's layout from a checkpoint in any known layout.
+
+    It loads strictly into `fcmae.create_model(name)` (with the checkpoint's decoder depth and
+    width) when the source has the decoder; otherwise it holds the `encoder.*` tensors only:
+    use `load_into(model, source)`, or `model.encoder.load_state_dict(encoder_state(sd))`.
+    """
+    state, _ = read_state_dict(source)
+    return convert(state)[0]
+
+
+def encoder_state(state):
+    """The encoder part of one of our state dicts, with the 'encoder.' prefix removed."""
+    return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+
+
+def load_into(model, source, encoder_only=False):
+    """Load `source` into an FCMAE `model` strictly. Weights without a decoder (or encoder_only=True)
+    load into the encoder only. Returns a report: "loaded" (which part), "dropped" (tensors of the
+    source left out: a classifier head, or the decoder with encoder_only), "not_loaded" (model
+    tensors left at their initial values), "architecture" and "extras" (e.g. the epoch)."""
+    state, extras = read_state_dict(source)
+    ours, arch, dropped = convert(state)
+    if arch.name != model.encoder.name or arch.in_chans != model.in_chans:
+        raise WeightsError(f"the weights are {arch.name} with {arch.in_chans} input channels, but the model is "
+                           f"{model.encoder.name} with {model.in_chans}")
+    if arch.has_decoder and not encoder_only:
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        _fail_if_any("the weights and the model", list(missing), list(unexpected), [])
+        part, not_loaded = "encoder and decoder", []
+    else:
+        model.encoder.load_state_dict(encoder_state(ours), strict=True)
+        dropped = dropped + sorted(k for k in ours if not k.startswith("encoder."))
+        part = "encoder"
+        not_loaded = sorted(k for k in model.state_dict() if not k.startswith("encoder."))
+    return {"loaded": part, "architecture": arch, "dropped": dropped, "not_loaded": not_loaded, "extras": extras}
+
+
+# ----- exporting -----------------------------------------------------------------------------------
+
+def _our_state(model_or_source):
+    if isinstance(model_or_source, FCMAE):
+        state = {k: v.detach().cpu() for k, v in model_or_source.state_dict().items()}
+        return state, Architecture(model_or_source.encoder.name, model_or_source.in_chans)
+    state, arch, _ = convert(read_state_dict(model_or_source)[0])
+    return state, Architecture(arch.name, arch.in_chans)
+
+
+def export(model_or_source, format, path, pth=False):
+    """Write the encoder of an FCMAE model (or of any checkpoint `load` reads) as `format`:
+
+    - "timm": a state dict for timm.create_model("convnextv2_<size>") (all but its head);
+      safetensors, or a torch .pth file when `pth` or the path ends in .pth/.pt;
+    - "official": {"model": dense official layout}, like the released *_fcmae.pt files;
+    - "hf": a folder for transformers.ConvNextV2Model.from_pretrained (config + safetensors).
+    Returns (written path, report); the report lists what was left out (the decoder)."""
+    if format not in EXPORT_FORMATS:
+        raise WeightsError(f"unknown export format {format!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    state, arch = _our_state(model_or_source)
+    dropped = sorted(k for k in state if not k.startswith("encoder."))
+    encoder = {k: v.contiguous() for k, v in state.items() if k.startswith("encoder.")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if format == "timm":
+        out = encoder_state(encoder)
+        if pth or path.suffix in (".pth", ".pt"):
+            _atomic(path, lambda tmp: torch.save(out, tmp))
+        else:
+            _atomic(path, lambda tmp: save_file(out, str(tmp), metadata={"model": arch.name, "layout": "timm"}))
+        return path, {"dropped": dropped}
+    rows = _rows(Architecture(arch.name, arch.in_chans), "official" if format == "official" else "hf")
+    out = {theirs: to_theirs(encoder[ours], kind).contiguous() for ours, theirs, kind in rows}
+    if format == "official":
+        _atomic(path, lambda tmp: torch.save({"model": out}, tmp))
+        return path, {"dropped": dropped}
+    # Hugging Face: its model has a final LayerNorm (for pooling) that FCMAE never trains;
+    # it is written as the identity (ones, zeros) and reported.
+    width = MODEL_SPECS[arch.name].dims[-1]
+    out["layernorm.weight"], out["layernorm.bias"] = torch.ones(width), torch.zeros(width)
+    path.mkdir(parents=True, exist_ok=True)
+    spec = MODEL_SPECS[arch.name]
+    config = {
+        "model_type": "convnextv2", "architectures": ["ConvNextV2Model"], "num_channels": arch.in_chans,
+        "patch_size": 4, "num_stages": 4, "hidden_sizes": list(spec.dims), "depths": list(spec.depths),
+        "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224,
+        "initializer_range": 0.02,
+    }
+    _atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    _atomic(path / "model.safetensors", lambda tmp: save_file(out, str(tmp), metadata={"format": "pt"}))
+    return path, {"dropped": dropped, "added": ["layernorm.weight (ones)", "layernorm.bias (zeros)"]}
+
+
+def _atomic(path, write):
+    """Write through a temporary file and rename, so `path` is never half written."""
+    tmp = path.with_name(f".{path.name}.partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+__all__ = ["WeightsError", "Architecture", "load", "load_into", "encoder_state", "export", "convert",
+           "read_state_dict", "detect_layout", "EXPORT_FORMATS"]
