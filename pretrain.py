@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import save_file
+from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 import fcmae
@@ -194,8 +195,10 @@ def main(argv=None):
     accelerator.register_for_checkpointing(state)
 
     ckpt_dir = out / "checkpoints" if out else None
-    resume_from = (args.resume if not resume_file else None) or (
-        latest_checkpoint(ckpt_dir) if args.auto_resume and ckpt_dir and not resume_file else None)
+    latest = latest_checkpoint(ckpt_dir) if args.auto_resume and ckpt_dir else None
+    # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
+    # along than --init or a --resume weights file it started from
+    resume_from = args.resume if args.resume and not resume_file else latest
     if resume_from:
         accelerator.load_state(str(resume_from))
         say(f"resumed from {resume_from} at epoch {state.epoch}, step {state.global_step}")
@@ -238,7 +241,6 @@ def main(argv=None):
                                        vis_masks.to(accelerator.device), mean, std)
         unwrapped.train()
         if out:
-            from torchvision.utils import save_image
             save_image(grid, out / "reconstructions" / f"{tag}.png")
         if log_with == "tensorboard":
             accelerator.get_tracker("tensorboard").log_images(

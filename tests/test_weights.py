@@ -164,6 +164,17 @@ def test_minkowski_checkpoint_loads_back_exactly(model, tmp_path):
         assert torch.equal(fresh(imgs, mask)[1], model(imgs, mask)[1])
 
 
+def test_official_grn_vectors_load_in_any_of_their_shapes(model, tmp_path):
+    """The official code keeps GRN gamma/beta as (1, 1, 1, C) dense and (1, C) sparse, and its
+    fine-tuning remap expects (1, C); every form loads to the same weights."""
+    path, _ = weights.export(model, "official", tmp_path / "w.pt")
+    official = torch.load(path)["model"]
+    expected = weights.load(path)
+    for shape in ((1, -1), (-1,)):
+        reshaped = {k: v.reshape(shape) if ".grn." in k else v for k, v in official.items()}
+        assert_same_tensors(weights.load({"model": reshaped}), expected)
+
+
 def test_strict_errors_list_the_problems(model, tmp_path):
     path, _ = weights.export(model, "official", tmp_path / "w.pt")
     official = torch.load(path)["model"]

@@ -192,6 +192,8 @@ def convert(state, layout=None):
             missing.append(their_key)
             continue
         tensor, want = state[their_key], their_shape(kind, shapes[our_key])
+        if kind in ("vector", "row") and tensor.dim() in (1, 2, 4) and tensor.shape[-1] == tensor.numel():
+            want = tuple(tensor.shape)  # GRN vectors come as (C,), (1, C) or (1, 1, 1, C): all fine
         if tuple(tensor.shape) != want:
             mismatched.append((their_key, tuple(tensor.shape), want))
             continue
