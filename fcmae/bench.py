@@ -16,12 +16,15 @@ import time
 import torch
 
 from fcmae.models import BACKENDS, create_model, list_models
+from fcmae.models.backends import minkowski
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fcmae.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="convnextv2_atto", choices=list_models())
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    installed = [b for b in BACKENDS if b != "minkowski" or minkowski.is_available()]
+    parser.add_argument("--backends", nargs="+", default=installed, choices=list(BACKENDS),
+                        help=f"default: the installed ones ({', '.join(installed)})")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="PX",
                         help="one value for square images, or height and width")

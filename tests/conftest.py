@@ -2,9 +2,13 @@ import pytest
 import torch
 
 import fcmae
+from fcmae.models.backends import minkowski
 
 # CUDA runs too wherever a GPU is present; CPU always.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# The exact backends under test: MinkowskiEngine's wherever it is installed (CI installs it).
+MINKOWSKI = minkowski.is_available()
+BACKEND_NAMES = ["dense", "sparse"] + (["minkowski"] if MINKOWSKI else [])
 
 
 def randomize_(model, seed=0, scale=0.1):

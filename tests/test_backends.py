@@ -1,14 +1,15 @@
 """The encoder backends compute the exact submanifold-sparse ConvNeXt V2 and agree with each other."""
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import fcmae
-from fcmae.models.backends import BACKENDS, resolve_backend
+from fcmae.models.backends import resolve_backend
 from fcmae.models.backends.sparse import build_grids
-from conftest import fixed_probe, rel_err
-
-BACKEND_NAMES = list(BACKENDS)
+from conftest import BACKEND_NAMES, MINKOWSKI, fixed_probe, rel_err
 FP32_OUT_TOL = 2e-5   # observed ~1e-6: rounding only
 FP32_GRAD_TOL = 1e-4  # observed ~2e-6
 
@@ -45,16 +46,25 @@ def test_backends_agree_fp32(make_model, device, name, size, ratio, batch, in_ch
     imgs = torch.randn(batch, in_chans, *size, device=device)
     mask = model.random_mask(imgs)
     ref = run_backend(model, "dense", imgs, mask)
-    out = run_backend(model, "sparse", imgs, mask)
     assert ref[0].shape == (batch, model.encoder.num_features, size[0] // 32, size[1] // 32)
     assert ref[0].abs().max() > 0 or ratio > 0.85  # a real latent, not zeros
-    assert rel_err(out[0], ref[0]) < FP32_OUT_TOL
-    assert rel_err(out[1], ref[1]) < FP32_OUT_TOL
-    assert abs(out[2].item() - ref[2].item()) <= FP32_OUT_TOL * max(1.0, abs(ref[2].item()))
-    assert ref[3].keys() == out[3].keys()
-    for key in ref[3]:
-        assert torch.isfinite(out[3][key]).all(), key
-        assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, key
+    for backend in BACKEND_NAMES[1:]:
+        if backend == "minkowski" and device.type == "cuda" and not minkowski_has_cuda():
+            continue
+        out = run_backend(model, backend, imgs, mask)
+        assert out[0].shape == ref[0].shape, backend
+        assert rel_err(out[0], ref[0]) < FP32_OUT_TOL, backend
+        assert rel_err(out[1], ref[1]) < FP32_OUT_TOL, backend
+        assert abs(out[2].item() - ref[2].item()) <= FP32_OUT_TOL * max(1.0, abs(ref[2].item())), backend
+        assert ref[3].keys() == out[3].keys()
+        for key in ref[3]:
+            assert torch.isfinite(out[3][key]).all(), (backend, key)
+            assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, (backend, key)
+
+
+def minkowski_has_cuda():
+    from fcmae.models.backends.minkowski import import_minkowski
+    return bool(getattr(import_minkowski(), "is_cuda_available", lambda: False)())
 
 
 def test_backends_agree_to_float64_precision(make_model):
@@ -138,13 +148,14 @@ def test_uneven_masks_agree_and_keep_gradients_finite(make_model):
     mask[1] = 1  # nothing visible
     assert len(set((1 - mask).sum(1).tolist())) > 2
     ref = run_backend(model, "dense", imgs, mask)
-    out = run_backend(model, "sparse", imgs, mask)
-    assert (ref[0][1] == 0).all() and (out[0][1] == 0).all()
-    assert rel_err(out[0], ref[0]) < FP32_OUT_TOL
-    assert rel_err(out[1], ref[1]) < FP32_OUT_TOL
-    for key in ref[3]:
-        assert torch.isfinite(out[3][key]).all() and torch.isfinite(ref[3][key]).all(), key
-        assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, key
+    for backend in BACKEND_NAMES[1:]:
+        out = run_backend(model, backend, imgs, mask)
+        assert (ref[0][1] == 0).all() and (out[0][1] == 0).all()
+        assert rel_err(out[0], ref[0]) < FP32_OUT_TOL, backend
+        assert rel_err(out[1], ref[1]) < FP32_OUT_TOL, backend
+        for key in ref[3]:
+            assert torch.isfinite(out[3][key]).all() and torch.isfinite(ref[3][key]).all(), key
+            assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, (backend, key)
 
 
 def test_each_stage_keeps_exactly_the_visible_set():
@@ -189,7 +200,7 @@ def test_sparse_cost_falls_with_the_mask_ratio(make_model):
         model.mask_ratio = ratio
         torch.manual_seed(0)
         mask = model.random_mask(imgs)
-        for backend in BACKEND_NAMES:
+        for backend in ("dense", "sparse"):
             model.set_backend(backend)
             flops[backend, ratio] = pointwise_flops(model, imgs, mask)
     assert flops["dense", 0.6] == flops["dense", 0.0] == flops["dense", 0.9]
@@ -208,8 +219,24 @@ def test_backend_choice_and_switching(make_model):
     model = make_model(backend="dense")
     assert model.backend == "dense"
     assert model.set_backend("sparse").backend == "sparse"
-    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, dense, sparse"):
+    with pytest.raises(ValueError, match="unknown backend 'cuda'.*auto, dense, sparse, minkowski"):
         model.set_backend("cuda")
+
+
+def test_minkowski_backend_says_how_to_install_it_or_is_there():
+    if os.environ.get("CI") and not MINKOWSKI:
+        pytest.fail("CI installs MinkowskiEngine (scripts/install_minkowski.sh), but it is not importable")
+    if MINKOWSKI:
+        assert fcmae.create_model("convnextv2_atto", backend="minkowski").backend == "minkowski"
+    else:
+        with pytest.raises(ValueError, match="scripts/install_minkowski.sh"):
+            fcmae.create_model("convnextv2_atto", backend="minkowski")
+
+
+def test_only_the_minkowski_backend_imports_minkowskiengine():
+    for path in Path(fcmae.__file__).parent.rglob("*.py"):
+        if path.name != "minkowski.py":
+            assert "import MinkowskiEngine" not in path.read_text(), path
 
 
 def test_backends_share_one_state_dict():

@@ -7,7 +7,7 @@ import torch
 
 import fcmae
 from fcmae.models import MODEL_SPECS, ConvNeXtV2Encoder, num_visible_patches, random_patch_mask
-from conftest import rel_err
+from conftest import BACKEND_NAMES, rel_err
 
 # The official table (ConvNeXt V2 paper / official README).
 OFFICIAL = {
@@ -46,7 +46,7 @@ def test_encoder_parameters_match_timm(size):
     assert (n_params + head) / 1e6 == pytest.approx(OFFICIAL[size][2], rel=0.005, abs=0.05)
 
 
-@pytest.mark.parametrize("backend", ["dense", "sparse"])
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
 @pytest.mark.parametrize("name,size", [
     ("convnextv2_atto", (224, 224)),   # 1x1-conv MLP in timm
     ("convnextv2_nano", (96, 160)),
@@ -204,7 +204,7 @@ def test_initialisation_follows_the_paper_not_the_std_1_slip():
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(name="convnextv2_small"), "unknown model 'convnextv2_small'; choose one of: convnextv2_atto"),
-    (dict(backend="minkowsky"), "unknown backend 'minkowsky'; choose one of: auto, dense, sparse"),
+    (dict(backend="minkowsky"), "unknown backend 'minkowsky'; choose one of: auto, dense, sparse, minkowski"),
     (dict(img_size=100), "img_size must be a positive multiple of 32"),
     (dict(img_size=(224, 100)), "img_size must be a positive multiple of 32"),
     (dict(patch_size=16), "patch_size must be 32"),

@@ -64,6 +64,13 @@ def grn(x, norms, module):
     return torch.addcmul(module.bias, x, 1.0 + module.weight * scale)
 
 
+def grn_by_sample(rows, sample, num_samples, module):
+    """GRN on (rows, C) features whose sample index is `sample` (any number of rows per sample)."""
+    sum_sq = rows.new_zeros(num_samples, rows.shape[1], dtype=stats_dtype(rows))
+    sum_sq = sum_sq.index_add(0, sample, rows.to(sum_sq.dtype).square())
+    return grn(rows, sqrt_of_sum_sq(sum_sq).index_select(0, sample), module)
+
+
 def block_pointwise(block, y, apply_grn):
     """The per-location half of a ConvNeXt V2 block: LayerNorm, fc1, GELU, GRN, fc2.
 

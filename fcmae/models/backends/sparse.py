@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from fcmae.models.backends.common import (
-    block_pointwise, channel_norms, grn, layer_norm, patch_visibility, sqrt_of_sum_sq, stage_factors,
-    stats_dtype, upsample_visibility,
+    block_pointwise, channel_norms, grn, grn_by_sample, layer_norm, patch_visibility, stage_factors,
+    upsample_visibility,
 )
 
 
@@ -63,9 +63,7 @@ class VisibleGrid:
             per_sample = rows.reshape(n, -1, channels)
             norms = channel_norms(per_sample, dim=1)
             return grn(per_sample, norms, module).reshape(rows.shape)
-        sum_sq = rows.new_zeros(n, channels, dtype=stats_dtype(rows))
-        sum_sq = sum_sq.index_add(0, self.sample, rows.to(sum_sq.dtype).square())
-        return grn(rows, sqrt_of_sum_sq(sum_sq).index_select(0, self.sample), module)
+        return grn_by_sample(rows, self.sample, n, module)
 
 
 def build_grids(mask, height, width):

@@ -1,0 +1,107 @@
+"""The `minkowski` backend: the encoder on MinkowskiEngine sparse tensors (optional).
+
+This is the only module of the project that imports MinkowskiEngine, and only when the backend
+is used. It reads the same parameters as the other backends and reshapes the conv weights into
+MinkowskiEngine's kernel layout on the fly (differentiably, through torch.func.functional_call),
+so any checkpoint runs with any backend. Unlike the official code it takes the coordinates from
+the mask, never from feature values, applies GRN per sample, and always returns the full grid.
+"""
+import collections
+import collections.abc
+import warnings
+
+import torch
+
+from fcmae.models.backends.common import (
+    block_pointwise, grn_by_sample, layer_norm, patch_visibility, upsample_visibility,
+)
+
+INSTALL_HINT = ("the minkowski backend needs MinkowskiEngine, which is not installed; build and install it "
+                "with `bash scripts/install_minkowski.sh` (about 10 minutes), or use backend 'sparse'")
+
+
+def import_minkowski():
+    """MinkowskiEngine, imported on first use (it needs collections.Sequence, gone since Python 3.10)."""
+    if not hasattr(collections, "Sequence"):
+        collections.Sequence = collections.abc.Sequence
+    try:
+        with warnings.catch_warnings():
+            if not torch.cuda.is_available():  # a CPU-only build on a CPU-only machine is no news
+                warnings.filterwarnings("ignore", message="The MinkowskiEngine was compiled with CPU_ONLY")
+            import MinkowskiEngine
+    except ImportError as err:
+        raise ValueError(INSTALL_HINT) from err
+    return MinkowskiEngine
+
+
+def is_available():
+    try:
+        import_minkowski()
+    except ValueError:
+        return False
+    return True
+
+
+def _conv_module(encoder, kind, *shape):
+    """A parameter-less stand-in MinkowskiEngine conv module, cached on the encoder (it holds no
+    weights: ours are passed in at every call)."""
+    me = import_minkowski()
+    cache = encoder.__dict__.setdefault("_minkowski_modules", {})
+    key = (kind, *shape)
+    if key not in cache:
+        with warnings.catch_warnings():  # its modules instantiate autograd Functions: deprecated, harmless
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            cache[key] = _new_conv_module(me, kind, *shape)
+    return cache[key]
+
+
+def _new_conv_module(me, kind, *shape):
+    if kind == "depthwise":  # the official code's fork has a fused kernel; upstream 0.5.4 does not
+        cls = getattr(me, "MinkowskiDepthwiseConvolution", None) or me.MinkowskiChannelwiseConvolution
+        return cls(shape[0], kernel_size=7, bias=False, dimension=2)
+    return me.MinkowskiConvolution(shape[0], shape[1], kernel_size=2, stride=2, bias=False, dimension=2)
+
+
+def _conv(encoder, module_kind, conv, x, me_kind):
+    """Apply our dense conv `conv` to the sparse tensor `x` with MinkowskiEngine; in float32, since
+    its kernels have no half precision (under autocast the rest of the block still runs in it)."""
+    from fcmae.weights.layouts import to_theirs  # here: fcmae.weights imports the models
+    me = import_minkowski()
+    if x.F.dtype != torch.float32:
+        x = me.SparseTensor(x.F.float(), coordinate_map_key=x.coordinate_map_key,
+                            coordinate_manager=x.coordinate_manager)
+    shape = (conv.in_channels,) if module_kind == "depthwise" else (conv.in_channels, conv.out_channels)
+    module = _conv_module(encoder, module_kind, *shape).to(x.F.device)
+    kernel = to_theirs(conv.weight.float(), me_kind).contiguous()
+    out = torch.func.functional_call(module, {"kernel": kernel}, (x,))
+    return out, out.F + conv.bias.float()
+
+
+def minkowski_forward(encoder, imgs, mask):
+    me = import_minkowski()
+    n, _, height, width = imgs.shape
+    visible = upsample_visibility(patch_visibility(mask, height // 32, width // 32), 8)
+    stem = encoder.stem(imgs)  # dense, as the official code
+    coords = visible.nonzero().int().contiguous()  # (rows, 3): sample, y, x - from the mask alone
+    feats = stem.permute(0, 2, 3, 1)[visible]
+    x = me.SparseTensor(features=feats, coordinates=coords)
+    for i, stage in enumerate(encoder.stages):
+        if i > 0:
+            ds_norm, ds_conv = stage.downsample
+            normed = me.SparseTensor(layer_norm(x.F, ds_norm), coordinate_map_key=x.coordinate_map_key,
+                                     coordinate_manager=x.coordinate_manager)
+            out, feats = _conv(encoder, "downsample", ds_conv, normed, "me_conv")
+            x = me.SparseTensor(feats, coordinate_map_key=out.coordinate_map_key,
+                                coordinate_manager=out.coordinate_manager)
+        sample = x.C[:, 0].long()
+        for block in stage.blocks:
+            _, y = _conv(encoder, "depthwise", block.conv_dw, x, "me_dw")
+            y = block_pointwise(block, y, lambda h, module, s=sample: grn_by_sample(h, s, n, module))
+            x = me.SparseTensor(x.F + y, coordinate_map_key=x.coordinate_map_key,
+                                coordinate_manager=x.coordinate_manager)
+    # scatter into the full grid (never x.dense(), which shrinks it to the largest coordinate)
+    stride = 8
+    coords = x.C.long()
+    latent = x.F.new_zeros(n, height // 32, width // 32, x.F.shape[1])
+    latent = latent.index_put((coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride), x.F)
+    return latent.permute(0, 3, 1, 2)
