@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 import fcmae
 from fcmae.config import ArgumentParser, ConfigError, parse_with_config, str2bool
 from fcmae.data import (
-    IMAGENET_MEAN, IMAGENET_STD, ImageFiles, StepBatchSampler, find_images, pretrain_transform,
-    sample_photographs, view_transform,
+    ImageFiles, StepBatchSampler, find_images, normalization, pretrain_transform, sample_photographs,
+    view_transform,
 )
 from fcmae.models import BACKEND_CHOICES, list_models, random_patch_mask
 from fcmae.training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
@@ -230,7 +230,7 @@ def main(argv=None):
     vis_imgs = torch.stack([view(dataset.load(i)[0]) for i in range(min(8, len(files)))])
     vis_masks = random_patch_mask(len(vis_imgs), (args.input_size // 32) ** 2, args.mask_ratio,
                                   generator=torch.Generator().manual_seed(args.seed))
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.in_chans == 3 else ((0.449,), (0.226,))
+    mean, std = normalization(args.in_chans)
 
     def save_picture(tag):
         if not main_process:

@@ -48,14 +48,12 @@ def load_yaml_config(path, parser):
     for action in parser._actions:  # the first action of a dest carries its type (--x before --no_x)
         if action.dest != "help":
             known.setdefault(action.dest, action)
-    for key, value in values.items():
-        key = str(key).replace("-", "_")
-        if key not in known or key == "config":
-            raise ConfigError(f"config file {path} has an unknown key {key!r}; keys are the script's "
-                              "argument names, such as batch_size or blr")
     checked = {}
     for key, value in values.items():
-        action = known[str(key).replace("-", "_")]
+        action = known.get(str(key).replace("-", "_"))
+        if action is None or action.dest == "config":
+            raise ConfigError(f"config file {path} has an unknown key {key!r}; keys are the script's "
+                              "argument names, such as batch_size or blr")
         # run values through the argument's own type, so YAML and flags agree
         if value is not None and action.type is not None and not isinstance(value, list):
             try:

@@ -18,6 +18,11 @@ from fcmae.config import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+
+def normalization(in_chans):
+    """(mean, std) for RGB (ImageNet's) or greyscale images (the mean of ImageNet's three)."""
+    return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
+
 # Real photographs that scikit-image ships (no download at run time); the synthetic ones
 # (chessboard, logo, phantom, ...) are left out.
 SAMPLE_PHOTOGRAPHS = (
@@ -69,7 +74,7 @@ def pretrain_transform(input_size, in_chans=3):
     """The official FCMAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise."""
     if in_chans not in (1, 3):
         raise ConfigError(f"image folders give 1 (greyscale) or 3 (RGB) channels; --in_chans is {in_chans}")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
+    mean, std = normalization(in_chans)
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
                                      interpolation=transforms.InterpolationMode.BICUBIC),
@@ -81,7 +86,7 @@ def pretrain_transform(input_size, in_chans=3):
 
 def view_transform(input_size, in_chans=3):
     """Deterministic resize + centre crop, for the reconstruction pictures."""
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
+    mean, std = normalization(in_chans)
     return transforms.Compose([
         transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(input_size),
