@@ -63,18 +63,20 @@ def _new_conv_module(me, kind, *shape):
 
 
 def _conv(encoder, module_kind, conv, x, me_kind):
-    """Apply our dense conv `conv` to the sparse tensor `x` with MinkowskiEngine; in float32, since
-    its kernels have no half precision (under autocast the rest of the block still runs in it)."""
+    """Apply our dense conv `conv` to the sparse tensor `x` with MinkowskiEngine; half-precision
+    features go in as float32, since its kernels have none (under autocast the rest of the block
+    still runs in half precision)."""
     from fcmae.weights.layouts import to_theirs  # here: fcmae.weights imports the models
     me = import_minkowski()
-    if x.F.dtype != torch.float32:
+    if x.F.dtype in (torch.float16, torch.bfloat16):
         x = me.SparseTensor(x.F.float(), coordinate_map_key=x.coordinate_map_key,
                             coordinate_manager=x.coordinate_manager)
+    dtype = x.F.dtype
     shape = (conv.in_channels,) if module_kind == "depthwise" else (conv.in_channels, conv.out_channels)
     module = _conv_module(encoder, module_kind, *shape).to(x.F.device)
-    kernel = to_theirs(conv.weight.float(), me_kind).contiguous()
+    kernel = to_theirs(conv.weight.to(dtype), me_kind).contiguous()
     out = torch.func.functional_call(module, {"kernel": kernel}, (x,))
-    return out, out.F + conv.bias.float()
+    return out, out.F + conv.bias.to(dtype)
 
 
 def minkowski_forward(encoder, imgs, mask):
