@@ -11,7 +11,6 @@ exactly where the uninterrupted one would have.
 import contextlib
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
-from safetensors.torch import save_file
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
@@ -34,7 +32,7 @@ from fcmae.models import BACKEND_CHOICES, list_models, random_patch_mask
 from fcmae.training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 from fcmae.training.optim import cosine_lr, param_groups, set_lr
 from fcmae.visualize import reconstruction_grid
-from fcmae.weights import WeightsError, load_into
+from fcmae.weights import WeightsError, export, load_into
 
 # Settings for a plain `python pretrain.py` (no --data_path): a few minutes on a laptop CPU.
 # Flags and --config still override each of them.
@@ -225,10 +223,11 @@ def main(argv=None):
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers("fcmae_pretrain", config=hparams)
 
+    num_patches = (args.input_size // 32) ** 2
     # fixed images and masks for the reconstruction pictures
     view = view_transform(args.input_size, args.in_chans)
     vis_imgs = torch.stack([view(dataset.load(i)[0]) for i in range(min(8, len(files)))])
-    vis_masks = random_patch_mask(len(vis_imgs), (args.input_size // 32) ** 2, args.mask_ratio,
+    vis_masks = random_patch_mask(len(vis_imgs), num_patches, args.mask_ratio,
                                   generator=torch.Generator().manual_seed(args.seed))
     mean, std = normalization(args.in_chans)
 
@@ -250,7 +249,6 @@ def main(argv=None):
         if out and args.save_ckpt:
             save_checkpoint(accelerator, ckpt_dir, state.global_step, args.save_ckpt_num)
 
-    num_patches = (args.input_size // 32) ** 2
     progress = tqdm(total=last_step, initial=state.global_step, disable=not main_process,
                     desc="pretrain", dynamic_ncols=True)
     model.train()
@@ -277,7 +275,7 @@ def main(argv=None):
             skipped = 0
             for micro in range(args.update_freq):
                 imgs, n_skipped = next(batches)
-                first = (micro * world + rank) * args.batch_size  # this micro-batch's rows of the step
+                first = sampler.offset_in_step(micro)  # this micro-batch's rows of the step's masks
                 mask = masks[first:first + args.batch_size].to(accelerator.device, non_blocking=True)
                 imgs = imgs.to(accelerator.device, non_blocking=True)
                 # gradients are all-reduced only on the last micro-step
@@ -355,11 +353,7 @@ def main(argv=None):
         say(f"parameters identical on all {world} processes")
 
     if out and main_process:
-        encoder = {k.removeprefix("encoder."): v.detach().cpu().contiguous()
-                   for k, v in unwrapped.state_dict().items() if k.startswith("encoder.")}
-        tmp = out / ".encoder.safetensors.partial"
-        save_file(encoder, tmp, metadata={"model": args.model, "layout": "timm", "in_chans": str(args.in_chans)})
-        os.replace(tmp, out / "encoder.safetensors")
+        export(unwrapped, "timm", out / "encoder.safetensors")  # atomic, safetensors, timm layout
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if out:

@@ -158,9 +158,13 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __len__(self):
         return (self.steps - self.start_step) * self.update_freq
 
+    def offset_in_step(self, micro):
+        """Where this process's micro-batch starts within its optimiser step's global batch."""
+        return (micro * self.num_processes + self.rank) * self.batch_size
+
     def positions(self, step, micro):
         """Positions in the epoch's permutation of this process's micro-batch."""
-        start = step * self.global_batch + (micro * self.num_processes + self.rank) * self.batch_size
+        start = step * self.global_batch + self.offset_in_step(micro)
         return range(start, start + self.batch_size)
 
     def __iter__(self):

@@ -149,10 +149,13 @@ def reference_shapes(arch):
     return shapes if arch.has_decoder else {k: s for k, s in shapes.items() if k.startswith("encoder.")}
 
 
-def _rows(arch, layout):
-    """(our key, their key, kind) for the whole layout; our keys with the 'encoder.' prefix."""
+def _rows(arch, layout, shapes=None):
+    """(our key, their key, kind) for the whole layout; our keys with the 'encoder.' prefix.
+    `shapes` (from reference_shapes, computed when not given) lists our keys for our own layout
+    and timm's."""
     if layout in ("fcmae", "timm"):  # our layout, or our encoder keys without the prefix
-        return [(k, k.removeprefix("encoder.") if layout == "timm" else k, "same") for k in reference_shapes(arch)
+        shapes = shapes if shapes is not None else reference_shapes(arch)
+        return [(k, k.removeprefix("encoder.") if layout == "timm" else k, "same") for k in shapes
                 if layout == "fcmae" or k.startswith("encoder.")]
     prefix = "encoder." if layout == "minkowski" else ""
     rows = [(f"encoder.{ours}", f"{prefix}{theirs}", kind)
@@ -185,7 +188,7 @@ def convert(state, layout=None):
     classifier = re.compile(_CLASSIFIER[layout])
     dropped = sorted(k for k in state if classifier.fullmatch(k))
     state = {k: v for k, v in state.items() if k not in dropped}
-    rows = _rows(arch, layout)
+    rows = _rows(arch, layout, shapes)
     ours, missing, mismatched = {}, [], []
     for our_key, their_key, kind in rows:
         if their_key not in state:
@@ -272,7 +275,8 @@ def export(model_or_source, format, path, pth=False):
         if pth or path.suffix in (".pth", ".pt"):
             _atomic(path, lambda tmp: torch.save(out, tmp))
         else:
-            _atomic(path, lambda tmp: save_file(out, str(tmp), metadata={"model": arch.name, "layout": "timm"}))
+            _atomic(path, lambda tmp: save_file(out, str(tmp), metadata={"model": arch.name, "layout": "timm",
+                                                                      "in_chans": str(arch.in_chans)}))
         return path, {"dropped": dropped}
     rows = _rows(Architecture(arch.name, arch.in_chans), "official" if format == "official" else "hf")
     out = {theirs: to_theirs(encoder[ours], kind).contiguous() for ours, theirs, kind in rows}
