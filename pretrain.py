@@ -8,31 +8,21 @@ processes, mixed precision and checkpoint state; everything that decides what a 
 (data order, crops, masks, learning rate) is a function of (seed, step), so a resumed run ends
 exactly where the uninterrupted one would have.
 """
-import contextlib
-import json
-import math
-import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 import fcmae
 from fcmae.config import ArgumentParser, ConfigError, parse_with_config, str2bool
-from fcmae.data import (
-    ImageFiles, StepBatchSampler, find_images, normalization, pretrain_transform, sample_photographs,
-    view_transform,
-)
+from fcmae.data import ImageFiles, find_images, normalization, pretrain_transform, sample_photographs, view_transform
 from fcmae.models import BACKEND_CHOICES, list_models, random_patch_mask
-from fcmae.training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
-from fcmae.training.optim import cosine_lr, param_groups, set_lr
+from fcmae.optim import param_groups
+from fcmae.training.engine import Run, Schedule, add_run_arguments
 from fcmae.visualize import reconstruction_grid
-from fcmae.weights import WeightsError, export, load_into
+from fcmae.weights import WeightsError, describe, export, load_into
 
 # Settings for a plain `python pretrain.py` (no --data_path): a few minutes on a laptop CPU.
 # Flags and --config still override each of them.
@@ -74,30 +64,13 @@ def get_args_parser():
                    help="ImageNet root (with train/), or any folder of images; none: sample photographs")
     p.add_argument("--repeats", default=1, type=int,
                    help="count each image this many times per epoch (for very small data sets)")
-    p.add_argument("--output_dir", default="./output_dir", help="checkpoints, logs, pictures; '' saves nothing")
-    p.add_argument("--log_dir", default=None, help="TensorBoard / tracker folder (default: output_dir)")
-    p.add_argument("--log_with", default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    p.add_argument("--log_every", default=20, type=int, help="tracker scalars every N optimiser steps")
-    p.add_argument("--vis_every", default=0, type=int,
-                   help="reconstruction picture every N optimiser steps too (0: only at epoch ends)")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="force a device (default: what accelerate chooses)")
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="default: what `accelerate config` / `accelerate launch` set")
-    p.add_argument("--seed", default=0, type=int)
     p.add_argument("--resume", default="",
                    help="checkpoint folder to resume from, or a weights file with its epoch (an official "
                         "main_pretrain.py checkpoint: weights and epoch carry over, the optimiser starts afresh)")
     p.add_argument("--init", default="", help="start from these weights (any layout fcmae.weights reads)")
-    p.add_argument("--auto_resume", default=True, type=str2bool,
-                   help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--save_ckpt", default=True, type=str2bool)
-    p.add_argument("--save_ckpt_freq", default=1, type=int, help="checkpoint every N epochs")
-    p.add_argument("--save_ckpt_steps", default=0, type=int, help="also every N optimiser steps (0: off)")
-    p.add_argument("--save_ckpt_num", default=3, type=int, help="keep the newest N checkpoints")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", default=True, type=str2bool)
+    p.add_argument("--vis_every", default=0, type=int,
+                   help="reconstruction picture every N optimiser steps too (0: only at epoch ends)")
+    add_run_arguments(p, output_dir="./output_dir")
     return p
 
 
@@ -147,26 +120,15 @@ def main(argv=None):
     except ConfigError as err:
         parser.error(str(err))
 
-    out = Path(args.output_dir) if args.output_dir else None
-    log_dir = Path(args.log_dir) if args.log_dir else out
-    log_with = None if args.log_with == "none" or log_dir is None else args.log_with
-    accelerator = Accelerator(
-        cpu=args.device == "cpu", mixed_precision=args.mixed_precision, log_with=log_with,
-        project_config=ProjectConfiguration(project_dir=str(log_dir or "."), logging_dir=str(log_dir or ".")),
-    )
-    main_process = accelerator.is_main_process
-    say = accelerator.print
-    world, rank = accelerator.num_processes, accelerator.process_index
-
+    run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
+    accelerator, say, out = run.accelerator, run.say, run.out
     dataset = ImageFiles(files, transform, args.in_chans, seed=args.seed, repeats=args.repeats)
-    eff_batch = args.batch_size * args.update_freq * world
-    steps_per_epoch = len(dataset) // eff_batch
-    if steps_per_epoch == 0:
-        parser.error(f"the data has {len(dataset)} images, fewer than one effective batch of {eff_batch} "
-                     "(batch_size x update_freq x processes); lower --batch_size or --update_freq")
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
-    total_steps = steps_per_epoch * args.epochs
-    last_step = min(total_steps, args.max_steps or total_steps)
+    try:
+        steps_per_epoch = run.steps_per_epoch(len(dataset))
+    except ConfigError as err:
+        parser.error(str(err))
+    lr = run.peak_lr()
+    schedule = Schedule(args.epochs, steps_per_epoch, lr, args.min_lr, args.warmup_epochs, args.max_steps)
 
     set_seed(args.seed)  # the initial weights; data, crops and masks have seeds of their own
     model = fcmae.create_model(
@@ -182,46 +144,22 @@ def main(argv=None):
             loaded = load_into(model, weights_path)
         except WeightsError as err:
             parser.error(f"{weights_path}: {err}")
-        dropped = loaded["dropped"]
-        say(f"loaded the {loaded['loaded']} from {weights_path}"
-            + (f"; left out of it: {', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''}" if dropped else "")
-            + ("; the decoder starts from its initialisation" if loaded["not_loaded"] else ""))
+        say(describe(loaded, weights_path))
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-
-    ckpt_dir = out / "checkpoints" if out else None
-    latest = latest_checkpoint(ckpt_dir) if args.auto_resume and ckpt_dir else None
     # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
     # along than --init or a --resume weights file it started from
-    resume_from = args.resume if args.resume and not resume_file else latest
-    if resume_from:
-        accelerator.load_state(str(resume_from))
-        say(f"resumed from {resume_from} at epoch {state.epoch}, step {state.global_step}")
-    elif resume_file:
-        state.epoch = int(loaded["extras"].get("epoch", -1)) + 1
-        state.global_step = state.epoch * steps_per_epoch
-        say(f"continuing from {resume_file} at epoch {state.epoch}, with a fresh optimiser state")
-    else:
-        state.epoch = args.start_epoch
-        state.global_step = args.start_epoch * steps_per_epoch
+    run.restore(steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
 
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
     say(f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {unwrapped.backend}) on "
-        f"{len(files)} images from {source}, {args.input_size}px, on {world} x {accelerator.device} "
+        f"{len(files)} images from {source}, {args.input_size}px, on {run.world} x {accelerator.device} "
         f"({accelerator.mixed_precision} mixed precision)")
-    say(f"effective batch {eff_batch} = {args.batch_size} x {args.update_freq} accumulation x {world} "
-        f"processes; lr {lr:.3g} (blr {lr * 256 / eff_batch:.3g}); {steps_per_epoch} steps per epoch")
-
-    if out and main_process:
+    run.describe_batch(lr, steps_per_epoch)
+    run.open_logs()
+    if out and run.main_process:
         (out / "reconstructions").mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
-        trim_log(out / "log.txt", keep_before_epoch=state.epoch)
-    if log_with:
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("fcmae_pretrain", config=hparams)
 
     num_patches = (args.input_size // 32) ** 2
     # fixed images and masks for the reconstruction pictures
@@ -232,7 +170,7 @@ def main(argv=None):
     mean, std = normalization(args.in_chans)
 
     def save_picture(tag):
-        if not main_process:
+        if not run.main_process:
             return
         unwrapped.eval()
         with accelerator.autocast():
@@ -241,136 +179,41 @@ def main(argv=None):
         unwrapped.train()
         if out:
             save_image(grid, out / "reconstructions" / f"{tag}.png")
-        if log_with == "tensorboard":
+        if run.log_with == "tensorboard":
             accelerator.get_tracker("tensorboard").log_images(
-                {"reconstruction": grid.unsqueeze(0).numpy()}, step=state.global_step)
+                {"reconstruction": grid.unsqueeze(0).numpy()}, step=run.state.global_step)
 
-    def checkpoint():
-        if out and args.save_ckpt:
-            save_checkpoint(accelerator, ckpt_dir, state.global_step, args.save_ckpt_num)
+    step_masks = {}
 
-    progress = tqdm(total=last_step, initial=state.global_step, disable=not main_process,
-                    desc="pretrain", dynamic_ncols=True)
-    model.train()
-    stopped = state.global_step >= last_step
-    saved_at = state.global_step if resume_from else None
-    while state.epoch < args.epochs and not stopped:
-        epoch = state.epoch
-        sampler = StepBatchSampler(len(dataset), args.batch_size, args.update_freq, world, rank,
-                                   args.seed, epoch, start_step=state.step_in_epoch)
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=args.num_workers,
-            pin_memory=args.pin_mem and accelerator.device.type == "cuda",
-        )
-        batches = iter(loader)
-        sums = state.epoch_sums or {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
-        tic = time.perf_counter()
-        for step in range(state.step_in_epoch, steps_per_epoch):
-            step_lr = cosine_lr(state.global_step / steps_per_epoch, lr, args.min_lr, args.epochs,
-                                args.warmup_epochs)
-            set_lr(optimizer, step_lr)
-            masks = random_patch_mask(eff_batch, num_patches, args.mask_ratio,
-                                      generator=torch.Generator().manual_seed(mask_seed(args.seed, state.global_step)))
-            step_loss = torch.zeros((), device=accelerator.device)
-            skipped = 0
-            for micro in range(args.update_freq):
-                imgs, n_skipped = next(batches)
-                first = sampler.offset_in_step(micro)  # this micro-batch's rows of the step's masks
-                mask = masks[first:first + args.batch_size].to(accelerator.device, non_blocking=True)
-                imgs = imgs.to(accelerator.device, non_blocking=True)
-                # gradients are all-reduced only on the last micro-step
-                sync = micro == args.update_freq - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                    with accelerator.autocast():
-                        loss, _, _ = model(imgs, mask)
-                    accelerator.backward(loss / args.update_freq)
-                step_loss += loss.detach() / args.update_freq
-                skipped += int(n_skipped.sum())
-            log_now = (state.global_step + 1) % args.log_every == 0
-            grad_norm = None
-            if args.clip_grad is not None or log_now:
-                max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def micro_step(batch, offset):
+        imgs, n_skipped = batch
+        step = run.state.global_step
+        if step not in step_masks:  # the masks of the whole global batch, a function of (seed, step)
+            step_masks.clear()
+            step_masks[step] = random_patch_mask(run.eff_batch, num_patches, args.mask_ratio,
+                                                 generator=torch.Generator().manual_seed(mask_seed(args.seed, step)))
+        mask = step_masks[step][offset:offset + args.batch_size].to(accelerator.device, non_blocking=True)
+        loss, _, _ = model(imgs.to(accelerator.device, non_blocking=True), mask)
+        return loss, int(n_skipped.sum())
 
-            # the one host sync of a step: global loss (for the log and the finite check), skipped files
-            totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(skipped), device=step_loss.device)]),
-                                        reduction="sum").tolist()
-            loss_value, skipped = totals[0] / world, int(totals[1])
-            if not math.isfinite(loss_value):
-                last = latest_checkpoint(ckpt_dir) if ckpt_dir else None
-                say(f"error: the loss became {loss_value} at step {state.global_step} (epoch {epoch}); "
-                    f"stopping. The last good checkpoint is {last or 'none'}; lower --blr or use "
-                    "--clip_grad, then resume from it.")
-                accelerator.end_training()
-                sys.exit(1)
-            state.global_step += 1
-            state.step_in_epoch = step + 1
-            sums["loss"] += loss_value
-            sums["lr"] += step_lr
-            sums["steps"] += 1
-            sums["skipped"] += skipped
-            state.epoch_sums = sums
-            images_per_s = eff_batch * (step + 1 - sampler.start_step) / (time.perf_counter() - tic)
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}",
-                                 img_s=f"{images_per_s:.1f}", refresh=False)
-            if log_with and log_now:
-                scalars = {"train/loss": loss_value, "train/lr": step_lr, "train/images_per_s": images_per_s}
-                if grad_norm is not None:
-                    scalars["train/grad_norm"] = float(grad_norm)
-                accelerator.log(scalars, step=state.global_step)
-            if args.vis_every and state.global_step % args.vis_every == 0:
-                save_picture(f"step_{state.global_step:08d}")
-            if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0:
-                checkpoint()
-                saved_at = state.global_step
-            if state.global_step >= last_step:
-                stopped = True
-                break
+    def after_step():
+        if args.vis_every and run.state.global_step % args.vis_every == 0:
+            save_picture(f"step_{run.state.global_step:08d}")
 
-        epoch_done = state.step_in_epoch == steps_per_epoch
-        if epoch_done:
-            state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
-            save_picture(f"epoch_{epoch:04d}")
-        epoch_ckpt = epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
-        if (epoch_ckpt or stopped) and saved_at != state.global_step:
-            checkpoint()
-            saved_at = state.global_step
-        if epoch_done and out and main_process:
-            with open(out / "log.txt", "a", encoding="utf-8") as f:
-                f.write(json.dumps({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
-                                    "epoch": epoch, "n_parameters": n_parameters,
-                                    "skipped_images": sums["skipped"]}) + "\n")
-    progress.close()
-    if world > 1:  # DDP keeps replicas equal; check it once, cheaply, at the end
-        checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).sum()
-        sums_all = accelerator.gather(checksum.reshape(1))
-        if not torch.equal(sums_all, sums_all[:1].expand_as(sums_all)):
-            say("error: the processes' parameters differ at the end of training")
-            sys.exit(1)
-        say(f"parameters identical on all {world} processes")
-
-    if out and main_process:
+    if run.state.global_step == 0:
+        save_picture("step_00000000")  # the untrained model, to compare the later pictures with
+    run.fit(model, optimizer, dataset, schedule, micro_step, n_parameters, after_step=after_step,
+            end_epoch=lambda epoch: save_picture(f"epoch_{epoch:04d}"))
+    run.check_replicas(unwrapped)
+    if out and run.main_process:
         export(unwrapped, "timm", out / "encoder.safetensors")  # atomic, safetensors, timm layout
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    run.finish()
     if out:
-        say(f"done after {state.global_step} steps: encoder {out / 'encoder.safetensors'} (timm layout), "
-            f"checkpoints {ckpt_dir}, log {out / 'log.txt'}, pictures {out / 'reconstructions'}"
-            + (f", {args.log_with} logs {log_dir}" if log_with else ""))
+        say(f"done after {run.state.global_step} steps: encoder {out / 'encoder.safetensors'} (timm layout), "
+            f"checkpoints {run.ckpt_dir}, log {out / 'log.txt'}, pictures {out / 'reconstructions'}"
+            + (f", {args.log_with} logs {run.log_dir}" if run.log_with else ""))
     else:
-        say(f"done after {state.global_step} steps (nothing saved: --output_dir is empty)")
-
-
-def trim_log(path, keep_before_epoch):
-    """Drop log lines of epochs a resumed run will train again."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line).get("epoch", -1) < keep_before_epoch]
-    path.write_text("".join(line + "\n" for line in lines))
+        say(f"done after {run.state.global_step} steps (nothing saved: --output_dir is empty)")
 
 
 if __name__ == "__main__":

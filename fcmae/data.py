@@ -1,17 +1,22 @@
-"""Images for pretraining: folders of files, the bundled sample photographs, augmentation and
-a sampler that makes every batch, crop and mask a function of (seed, epoch, position).
+"""Images for pretraining and fine-tuning: folders of files (with labels from class folders),
+the bundled sample photographs, augmentation, and a sampler that makes every batch, crop and
+mask a function of (seed, epoch, position).
 
 Because nothing depends on the order workers run in, on the number of processes or on where
 a run was interrupted, a resumed run sees exactly the batches the uninterrupted run saw.
 """
+import contextlib
 import os
+import random
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, create_transform
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from fcmae.config import ConfigError
 
@@ -100,6 +105,22 @@ def sample_seed(seed, epoch, index):
     return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF_FFFF
 
 
+@contextlib.contextmanager
+def seeded(seed):
+    """Seed torch's, Python's and numpy's global generators inside the block (torchvision and timm
+    transforms draw from all three) and restore them afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFF_FFFF)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Image files as augmented tensors; items are looked up by (index, epoch).
 
@@ -132,9 +153,66 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, epoch = key
         img, skipped = self.load(index % len(self.files))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
+        with seeded(sample_seed(self.seed, epoch, index)):
             return self.transform(img), skipped
+
+
+class LabelledImages(ImageFiles):
+    """ImageFiles with a class index per file; items are (tensor, label, files skipped). A file
+    that stands in for an unreadable one brings its own label."""
+
+    def __init__(self, files, labels, transform, in_chans=3, seed=0):
+        super().__init__(files, transform, in_chans, seed)
+        self.labels = list(labels)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        img, skipped = self.load(index)
+        with seeded(sample_seed(self.seed, epoch, index)):
+            return self.transform(img), self.labels[(index + skipped) % len(self.files)], skipped
+
+
+def class_folders(root, flag="--data_path"):
+    """(files, labels, class names) of a folder with one sub-folder of images per class."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"{flag} {root} does not exist or is not a folder; it must hold one sub-folder of "
+                          "images per class")
+    try:
+        classes, class_to_idx = find_classes(str(root))
+        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {root} has no class sub-folders; it must hold one sub-folder of images "
+                          "per class") from None
+    if not samples:
+        raise ConfigError(f"{flag} {root} holds no images in its class sub-folders")
+    files, labels = zip(*samples)
+    return list(files), list(labels), classes
+
+
+def mean_std(imagenet_default_mean_and_std=True, in_chans=3):
+    """ImageNet's mean/std (the default), or Inception's (0.5, 0.5, 0.5), as the official flag."""
+    if imagenet_default_mean_and_std or in_chans != 3:
+        return normalization(in_chans)
+    return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+
+
+def finetune_transform(input_size, mean, std, auto_augment=None, color_jitter=None, interpolation="bicubic",
+                       reprob=0.0, remode="pixel", recount=1):
+    """timm's training transform: RandomResizedCrop, flip, RandAugment / colour jitter, random erasing."""
+    return create_transform(input_size, is_training=True, auto_augment=auto_augment, color_jitter=color_jitter,
+                            interpolation=interpolation, re_prob=reprob, re_mode=remode, re_count=recount,
+                            mean=mean, std=std)
+
+
+def eval_transform(input_size, mean, std, crop_pct=None):
+    """As the official evaluation: resize to input_size / crop_pct (crop_pct 0.875 by default)
+    and centre-crop, bicubic; at 384 pixels and above a plain resize to input_size."""
+    if input_size >= 384:
+        return create_transform(input_size, is_training=False, interpolation="bicubic", mean=mean, std=std,
+                                crop_pct=1.0, crop_mode="squash")
+    return create_transform(input_size, is_training=False, interpolation="bicubic", mean=mean, std=std,
+                            crop_pct=crop_pct or 0.875, crop_mode="center")
 
 
 class StepBatchSampler(torch.utils.data.Sampler):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import fcmae
 from fcmae.config import parse_with_config
-from fcmae.training.optim import param_groups
+from fcmae.optim import param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("pretrain", ROOT / "pretrain.py")

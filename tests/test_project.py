@@ -1,4 +1,4 @@
-"""The project's entry points: README commands, CI script, benchmark CLI, placeholders."""
+"""The project's entry points: README commands, CI script, benchmark CLI."""
 import os
 import re
 import subprocess
@@ -53,7 +53,8 @@ def test_bench_rejects_bad_arguments_in_one_sentence():
     assert "Traceback" not in result.stderr
 
 
-def test_finetune_placeholder_says_so_and_fails():
+def test_finetune_without_data_says_what_it_needs():
     result = run("finetune.py")
-    assert result.returncode != 0
-    assert "not implemented yet" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("finetune.py: error: --data_path is required: the ImageNet root (train/ and "
+                                     "val/) or, with --data_set image_folder, a folder of class sub-folders")

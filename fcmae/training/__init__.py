@@ -1,2 +1,2 @@
-"""The training engine shared by pretraining and fine-tuning: optimiser set-up, learning-rate
-schedule, atomic checkpoints and run logs."""
+"""The training engine shared by pretrain.py and finetune.py: the accelerator, output folder,
+logs and trackers, atomic checkpoints and exact resume, and the optimiser-step loop."""

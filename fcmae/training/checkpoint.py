@@ -58,6 +58,7 @@ class TrainState:
         self.step_in_epoch = 0    # optimiser steps done in it
         self.global_step = 0      # optimiser steps done in all
         self.epoch_sums = {}      # running sums for the epoch's log line
+        self.best = {}            # best evaluation results so far (fine-tuning)
 
     def state_dict(self):
         return dict(vars(self))

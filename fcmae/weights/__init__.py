@@ -245,6 +245,96 @@ def load_into(model, source, encoder_only=False):
     return {"loaded": part, "architecture": arch, "dropped": dropped, "not_loaded": not_loaded, "extras": extras}
 
 
+# classifier tensors of each layout, by their name in timm's convnextv2 model
+_HEAD_NAMES = {
+    "timm": {"head.norm.weight": "head.norm.weight", "head.norm.bias": "head.norm.bias",
+             "head.fc.weight": "head.fc.weight", "head.fc.bias": "head.fc.bias"},
+    "official": {"norm.weight": "head.norm.weight", "norm.bias": "head.norm.bias",
+                 "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"},
+    "hf": {"layernorm.weight": "head.norm.weight", "layernorm.bias": "head.norm.bias",
+           "classifier.weight": "head.fc.weight", "classifier.bias": "head.fc.bias"},
+    "fcmae": {}, "minkowski": {},
+}
+
+
+def convnextv2_name(model):
+    """The ConvNeXt V2 size of a timm convnextv2 model, from its depths and widths."""
+    depths = tuple(len(stage.blocks) for stage in model.stages)
+    dims = tuple(info["num_chs"] for info in model.feature_info)
+    return next((n for n, s in MODEL_SPECS.items() if (s.depths, s.dims) == (depths, dims)), None)
+
+
+def load_classifier(model, source, head_std=2e-5):
+    """Load `source` (any layout `load` reads) into timm's convnextv2 `model` for fine-tuning.
+
+    The trunk loads strictly. The head's LayerNorm loads when the file has one. The classifier
+    loads when the file has one of the model's shape; otherwise it is re-initialised (truncated
+    normal with std `head_std`, zero bias, as the official fine-tuning); a model whose `head.fc`
+    is not a Linear layer (a linear probe) loads it from a file with the same probe, else keeps
+    its own. Returns a report like `load_into`'s, with "head" saying what happened to the
+    classifier and "head_loaded" whether it came from the file."""
+    state, extras = read_state_dict(source)
+    layout = detect_layout(state)
+    ours, arch, _ = convert(state, layout)
+    name, in_chans = convnextv2_name(model), model.stem[0].in_channels
+    if (arch.name, arch.in_chans) != (name, in_chans):
+        raise WeightsError(f"the weights are {arch.name} with {arch.in_chans} input channels, but the model is "
+                           f"{name} with {in_chans}; pass --model {arch.name}" if arch.name != name else
+                           f"the weights take {arch.in_chans} input channels, the model {in_chans}")
+    target = model.state_dict()
+    if layout == "timm":  # any head of timm's model, a linear probe's included
+        head = {k: v for k, v in state.items() if k.startswith("head.")}
+    else:
+        head = {timm_key: state[key] for key, timm_key in _HEAD_NAMES[layout].items() if key in state}
+    usable = {k: v for k, v in head.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
+    fc_keys = [k for k in target if k.startswith("head.fc.")]
+    head_loaded = all(k in usable for k in fc_keys)
+    if not head_loaded:  # all of the classifier or none of it
+        usable = {k: v for k, v in usable.items() if not k.startswith("head.fc.")}
+    missing, unexpected = model.load_state_dict({**encoder_state(ours), **usable}, strict=False)
+    _fail_if_any("the weights and the model", [k for k in missing if not k.startswith("head.")], list(unexpected), [])
+    dropped = sorted(k for k in ours if not k.startswith("encoder.")) + sorted(set(head) - set(usable))
+    fc = model.head.fc
+    if head_loaded:
+        head_report = "classifier loaded"
+    else:
+        if "head.fc.weight" in head and isinstance(fc, torch.nn.Linear):
+            why = f"the file's has {head['head.fc.weight'].shape[0]} classes, the model {fc.out_features}"
+        else:
+            why = "the file has none" if not any(k.startswith("head.fc.") for k in head) else "the file's differs"
+        if isinstance(fc, torch.nn.Linear):
+            torch.nn.init.trunc_normal_(fc.weight, std=head_std)
+            torch.nn.init.zeros_(fc.bias)
+            head_report = f"classifier re-initialised ({why})"
+        else:
+            head_report = f"probe head starts from its initialisation ({why})"
+    not_loaded = sorted(k for k in target if k not in usable and k.startswith("head."))
+    return {"loaded": "encoder", "architecture": arch, "dropped": dropped, "not_loaded": not_loaded,
+            "head": head_report, "head_loaded": head_loaded, "extras": extras}
+
+
+def describe(report, source):
+    """One line saying what `load_into` / `load_classifier` loaded from `source` and what not."""
+    text = f"loaded the {report['loaded']} from {source}"
+    if "head" in report:
+        text += f"; {report['head']}"
+    elif report["not_loaded"]:
+        text += "; the decoder starts from its initialisation"
+    dropped = report["dropped"]
+    if dropped:
+        text += f"; left out of it: {', '.join(dropped[:4])}{', ...' if len(dropped) > 4 else ''}"
+    return text
+
+
+def save_weights(state, path, metadata=None):
+    """Write a state dict as safetensors, atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return path
+
+
 # ----- exporting -----------------------------------------------------------------------------------
 
 def _our_state(model_or_source):
@@ -307,5 +397,6 @@ def _atomic(path, write):
     os.replace(tmp, path)
 
 
-__all__ = ["WeightsError", "Architecture", "load", "load_into", "encoder_state", "export", "convert",
-           "read_state_dict", "detect_layout", "EXPORT_FORMATS"]
+__all__ = ["WeightsError", "Architecture", "load", "load_into", "load_classifier", "describe", "encoder_state",
+           "export",
+           "save_weights", "convert", "read_state_dict", "detect_layout", "convnextv2_name", "EXPORT_FORMATS"]

@@ -1,0 +1,111 @@
+"""Optimiser parameter groups (weight decay, layer-wise lr decay) and the lr schedule.
+
+    groups = fcmae.optim.param_groups(model, weight_decay=0.05, layer_decay=0.9, layer_decay_type="single")
+
+Each group carries "params", "param_names", "weight_decay" and "lr_scale"; `set_lr` multiplies
+the scheduled lr by each group's "lr_scale" (as timm's schedulers do).
+"""
+import math
+
+
+def no_weight_decay(name, param):
+    """Biases, 1-D tensors (normalisation weights, GRN of timm's layout), GRN gamma/beta and the
+    mask token are not decayed."""
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or name.endswith((".gamma", ".beta"))
+        or ".grn." in name
+        or name.split(".")[-1] == "mask_token"
+    )
+
+
+def _stage_block(name):
+    """(kind, stage, block) of a parameter of timm's ConvNeXt V2: kind is "stem", "downsample",
+    "block" or "other" (the head, and anything outside the trunk)."""
+    parts = name.split(".")
+    if parts[0] == "stem":
+        return "stem", 0, None
+    if parts[0] == "stages" and len(parts) > 2:
+        stage = int(parts[1])
+        if parts[2] == "downsample":
+            return "downsample", stage, None
+        if parts[2] == "blocks":
+            return "block", stage, int(parts[3])
+    return "other", None, None
+
+
+def layer_id(name, depths, layer_decay_type="single"):
+    """The official fine-tuning layer id of a parameter of timm's convnextv2 model.
+
+    'single': stage s block b -> sum(depths[:s]) + b + 1; the stem and the downsampling layer in
+    front of stage s share the id of that stage's first block; everything else (the head)
+    sum(depths) + 1. 'group' (made for depth-27 third stages): stem 0, stages 0 and 1 -> 1 and 2,
+    the downsampling before stages 1 and 2 -> 2 and 3, stage 2 block b -> 3 + b // 3, stage 3 and
+    its downsampling 12, everything else 13.
+    """
+    kind, stage, block = _stage_block(name)
+    if layer_decay_type == "single":
+        if kind in ("stem", "downsample"):
+            return sum(depths[:stage]) + 1
+        if kind == "block":
+            return sum(depths[:stage]) + block + 1
+        return sum(depths) + 1
+    if layer_decay_type == "group":
+        if kind == "stem":
+            return 0
+        if kind in ("downsample", "block") and stage == 3:
+            return 12
+        if kind == "downsample" or stage in (0, 1):
+            return stage + 1
+        if kind == "block":
+            return 3 + block // 3
+        return 13
+    raise ValueError(f"layer_decay_type must be 'single' or 'group', got {layer_decay_type!r}")
+
+
+def num_layers(depths, layer_decay_type):
+    """The number of decayed layers: sum(depths) for 'single', 12 for 'group' (as the official)."""
+    return sum(depths) if layer_decay_type == "single" else 12
+
+
+def param_groups(model, weight_decay, layer_decay=None, layer_decay_type="single"):
+    """AdamW parameter groups of `model`'s trainable parameters.
+
+    Without layer decay (None or 1.0): one decayed group and one with weight_decay 0, lr_scale 1
+    (works for any model). With it, `model` is timm's convnextv2 (or anything with its names and a
+    `stages` list) and each (layer id, decay or not) pair gets a group with lr_scale
+    layer_decay ** (num_layers + 1 - id), ordered by layer id.
+    """
+    use_layers = layer_decay is not None and layer_decay != 1.0
+    if use_layers:
+        depths = [len(stage.blocks) for stage in model.stages]
+        top = num_layers(depths, layer_decay_type)
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = not no_weight_decay(name, param)
+        layer = layer_id(name, depths, layer_decay_type) if use_layers else 0
+        key = (layer, decay)
+        if key not in groups:
+            scale = layer_decay ** (top + 1 - layer) if use_layers else 1.0
+            groups[key] = {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr_scale": scale}
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def cosine_lr(epoch, lr, min_lr, epochs, warmup_epochs):
+    """Linear warm-up to `lr`, then a half cosine to `min_lr`; `epoch` is fractional, so the
+    schedule moves every iteration (as the official code)."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,303 @@
+"""The training loop that pretrain.py and finetune.py share.
+
+A `Run` owns the accelerator, the output folder (checkpoints, log.txt, args.json, trackers) and
+the `TrainState`; `Run.fit` runs the optimiser steps. The scripts say only what differs: the
+dataset, the loss of a micro-batch, and what happens after a step and at the end of an epoch.
+
+Everything a step computes is a function of (seed, step): the data order and augmentation come
+from `StepBatchSampler` and per-sample seeds, and the global random generators are re-seeded
+from (seed, step, process) before every step (drop path, mixup). A run killed at any moment and
+resumed from its newest checkpoint therefore ends exactly where the uninterrupted run would have.
+"""
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from fcmae.config import ConfigError, str2bool
+from fcmae.data import StepBatchSampler
+from fcmae.optim import cosine_lr, set_lr
+from fcmae.training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
+
+
+@dataclass
+class Schedule:
+    """How long to train and the per-iteration learning rate (linear warm-up, half cosine)."""
+    epochs: int
+    steps_per_epoch: int
+    lr: float
+    min_lr: float
+    warmup_epochs: float
+    max_steps: int | None = None
+
+    @property
+    def last_step(self):
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps or total)
+
+    def lr_at(self, global_step):
+        return cosine_lr(global_step / self.steps_per_epoch, self.lr, self.min_lr, self.epochs, self.warmup_epochs)
+
+
+def add_run_arguments(parser, output_dir):
+    """The flags `Run` reads, with the official scripts' names and defaults (output_dir: ours)."""
+    p = parser
+    p.add_argument("--output_dir", default=output_dir, help="checkpoints, logs and results; '' saves nothing")
+    p.add_argument("--log_dir", default=None, help="TensorBoard / tracker folder (default: output_dir)")
+    p.add_argument("--log_with", default="tensorboard", choices=["tensorboard", "wandb", "none"])
+    p.add_argument("--log_every", default=20, type=int, help="tracker scalars every N optimiser steps")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="force a device (default: what accelerate chooses)")
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: what `accelerate config` / `accelerate launch` set")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--auto_resume", default=True, type=str2bool,
+                   help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--save_ckpt", default=True, type=str2bool)
+    p.add_argument("--save_ckpt_freq", default=1, type=int, help="checkpoint every N epochs")
+    p.add_argument("--save_ckpt_steps", default=0, type=int, help="also every N optimiser steps (0: off)")
+    p.add_argument("--save_ckpt_num", default=3, type=int, help="keep the newest N checkpoints")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", default=True, type=str2bool)
+
+
+def seed_step(seed, global_step, rank):
+    """Seed torch, numpy and Python's generators for one optimiser step of one process."""
+    value = ((seed * 1_000_003 + global_step) * 7_919 + rank) & 0xFFFF_FFFF
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+class Run:
+    """The accelerator and everything a training run writes; `args` needs the shared flags
+    (output_dir, log_dir, log_with, device, seed, resume, auto_resume, start_epoch, save_ckpt,
+    save_ckpt_freq, save_ckpt_steps, save_ckpt_num, log_every, batch_size, update_freq,
+    num_workers, pin_mem, clip_grad)."""
+
+    def __init__(self, args, name, mixed_precision=None):
+        self.args, self.name = args, name
+        self.out = Path(args.output_dir) if args.output_dir else None
+        self.log_dir = Path(args.log_dir) if args.log_dir else self.out
+        self.log_with = None if args.log_with == "none" or self.log_dir is None else args.log_with
+        project = ProjectConfiguration(project_dir=str(self.log_dir or "."), logging_dir=str(self.log_dir or "."))
+        self.accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision,
+                                       log_with=self.log_with, project_config=project)
+        self.say = self.accelerator.print
+        self.main_process = self.accelerator.is_main_process
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.ckpt_dir = self.out / "checkpoints" if self.out else None
+        self.state = TrainState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.saved_at = None
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    @property
+    def eff_batch(self):
+        return self.args.batch_size * self.args.update_freq * self.world
+
+    # ----- start -------------------------------------------------------------------------------
+
+    def steps_per_epoch(self, dataset_size):
+        """Optimiser steps per epoch (the last incomplete global batch is dropped)."""
+        steps = dataset_size // self.eff_batch
+        if steps == 0:
+            raise ConfigError(f"the data has {dataset_size} images, fewer than one effective batch of "
+                              f"{self.eff_batch} (batch_size x update_freq x processes); lower --batch_size or "
+                              "--update_freq")
+        return steps
+
+    def peak_lr(self):
+        """--lr, or --blr scaled by the effective batch / 256 (the official rule)."""
+        return self.args.lr if self.args.lr is not None else self.args.blr * self.eff_batch / 256
+
+    def describe_batch(self, lr, steps_per_epoch):
+        a = self.args
+        self.say(f"effective batch {self.eff_batch} = {a.batch_size} x {a.update_freq} accumulation x {self.world} "
+                 f"processes; lr {lr:.3g} (blr {lr * 256 / self.eff_batch:.3g}); {steps_per_epoch} steps per epoch")
+
+    def restore(self, steps_per_epoch, file_extras=None):
+        """Continue from a checkpoint folder (--resume FOLDER, else the newest in output_dir with
+        --auto_resume); else from the epoch in `file_extras` (a --resume weights file's), else
+        --start_epoch. Returns the checkpoint folder resumed from, or None."""
+        args, state = self.args, self.state
+        latest = latest_checkpoint(self.ckpt_dir) if args.auto_resume and self.ckpt_dir else None
+        folder = args.resume if args.resume and Path(args.resume).is_dir() else latest
+        if folder:
+            self.accelerator.load_state(str(folder))
+            self.saved_at = state.global_step
+            self.say(f"resumed from {folder} at epoch {state.epoch}, step {state.global_step}")
+        elif file_extras is not None and "epoch" in file_extras:
+            state.epoch = int(file_extras["epoch"]) + 1
+            state.global_step = state.epoch * steps_per_epoch
+            self.say(f"continuing from {args.resume} at epoch {state.epoch}, with a fresh optimiser state")
+        else:
+            state.epoch = args.start_epoch
+            state.global_step = args.start_epoch * steps_per_epoch
+        return folder
+
+    def open_logs(self):
+        """args.json, log.txt trimmed to the epochs already done, trackers."""
+        if self.out and self.main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2, default=str))
+            trim_log(self.out / "log.txt", keep_before_epoch=self.state.epoch)
+        if self.log_with:
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(self.args).items()}
+            self.accelerator.init_trackers(self.name, config=hparams)
+
+    def append_log(self, record):
+        if self.out and self.main_process:
+            with open(self.out / "log.txt", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self):
+        """Save the accelerator's state (every process must call this), once per step at most."""
+        if self.out and self.args.save_ckpt and self.saved_at != self.state.global_step:
+            save_checkpoint(self.accelerator, self.ckpt_dir, self.state.global_step, self.args.save_ckpt_num)
+            self.saved_at = self.state.global_step
+
+    # ----- the loop ----------------------------------------------------------------------------
+
+    def loader(self, dataset, epoch, start_step=0):
+        args = self.args
+        sampler = StepBatchSampler(len(dataset), args.batch_size, args.update_freq, self.world, self.rank,
+                                   args.seed, epoch, start_step=start_step)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
+                                             pin_memory=args.pin_mem and self.device.type == "cuda")
+        return sampler, iter(loader)
+
+    def fit(self, model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode=None,
+            after_step=None, end_epoch=None):
+        """Train from where `self.state` stands to `schedule.last_step`.
+
+        micro_step(batch, offset) -> (loss, files skipped) runs the forward pass of one
+        micro-batch (`offset`: where it starts in the step's global batch); the backward pass,
+        accumulation, clipping and the optimiser step happen here. after_step() runs after every
+        optimiser step, end_epoch(epoch) after every complete epoch and returns entries for its
+        log line. train_mode() puts the model in training mode (default model.train()).
+        """
+        args, state, acc = self.args, self.state, self.accelerator
+        train_mode = train_mode or model.train
+        progress = tqdm(total=schedule.last_step, initial=state.global_step, disable=not self.main_process,
+                        desc=self.name, dynamic_ncols=True)
+        stopped = state.global_step >= schedule.last_step
+        while state.epoch < schedule.epochs and not stopped:
+            epoch = state.epoch
+            train_mode()
+            sampler, batches = self.loader(dataset, epoch, start_step=state.step_in_epoch)
+            sums = state.epoch_sums or {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
+            tic = time.perf_counter()
+            for step in range(state.step_in_epoch, schedule.steps_per_epoch):
+                step_lr = schedule.lr_at(state.global_step)
+                set_lr(optimizer, step_lr)
+                seed_step(args.seed, state.global_step, self.rank)
+                step_loss = torch.zeros((), device=self.device)
+                skipped = 0
+                for micro in range(args.update_freq):
+                    batch = next(batches)
+                    sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
+                    with contextlib.nullcontext() if sync else acc.no_sync(model):
+                        with acc.autocast():
+                            loss, n_skipped = micro_step(batch, sampler.offset_in_step(micro))
+                        acc.backward(loss / args.update_freq)
+                    step_loss += loss.detach() / args.update_freq
+                    skipped += n_skipped
+                log_now = (state.global_step + 1) % args.log_every == 0
+                grad_norm = None
+                if args.clip_grad is not None or log_now:
+                    max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                # the one host sync of a step: the global loss (log, finite check) and skipped files
+                totals = acc.reduce(torch.stack([step_loss, torch.tensor(float(skipped), device=self.device)]),
+                                    reduction="sum").tolist()
+                loss_value, skipped = totals[0] / self.world, int(totals[1])
+                if not math.isfinite(loss_value):
+                    self.stop(f"the loss became {loss_value} at step {state.global_step} (epoch {epoch})")
+                state.global_step += 1
+                state.step_in_epoch = step + 1
+                sums["loss"] += loss_value
+                sums["lr"] += step_lr
+                sums["steps"] += 1
+                sums["skipped"] += skipped
+                state.epoch_sums = sums
+                if after_step is not None:
+                    after_step()
+                images_per_s = self.eff_batch * (step + 1 - sampler.start_step) / (time.perf_counter() - tic)
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}",
+                                     img_s=f"{images_per_s:.1f}", refresh=False)
+                if self.log_with and log_now:
+                    scalars = {"train/loss": loss_value, "train/lr": step_lr, "train/images_per_s": images_per_s}
+                    if grad_norm is not None:
+                        scalars["train/grad_norm"] = float(grad_norm)
+                    acc.log(scalars, step=state.global_step)
+                if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0:
+                    self.checkpoint()
+                if state.global_step >= schedule.last_step:
+                    stopped = True
+                    break
+
+            epoch_done = state.step_in_epoch == schedule.steps_per_epoch
+            extra = {}
+            if epoch_done:
+                state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+                extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
+            if stopped or (epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)):
+                self.checkpoint()
+            if epoch_done:
+                self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
+                                 **extra, "epoch": epoch, "n_parameters": n_parameters,
+                                 "skipped_images": sums["skipped"]})
+        progress.close()
+
+    # ----- the end -----------------------------------------------------------------------------
+
+    def stop(self, problem):
+        """Stop every process with `problem`, naming the last good checkpoint."""
+        last = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+        self.say(f"error: {problem}; stopping. The last good checkpoint is {last or 'none'}; lower the "
+                 "learning rate (--blr) or use --clip_grad, then resume from it.")
+        self.accelerator.end_training()
+        sys.exit(1)
+
+    def check_replicas(self, model):
+        """DDP keeps the processes' parameters equal; check it once, cheaply."""
+        if self.world == 1:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+        sums = self.accelerator.gather(checksum.reshape(1))
+        if not torch.equal(sums, sums[:1].expand_as(sums)):
+            self.say("error: the processes' parameters differ at the end of training")
+            sys.exit(1)
+        self.say(f"parameters identical on all {self.world} processes")
+
+    def finish(self):
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def trim_log(path, keep_before_epoch):
+    """Drop log lines of epochs a resumed run will train again."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line).get("epoch", -1) < keep_before_epoch]
+    path.write_text("".join(line + "\n" for line in lines))

@@ -1,0 +1,39 @@
+"""Exact evaluation over several processes: top-1, top-5 and loss on a labelled dataset.
+
+Each process evaluates its own contiguous share of the images (shares differ by at most one,
+nothing is padded or counted twice) and the sums are added up across processes once.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def shard(size, rank, world):
+    """The indices of process `rank`'s share of `size` items."""
+    return range(size * rank // world, size * (rank + 1) // world)
+
+
+def evaluate(run, model, dataset, batch_size=None):
+    """{"acc1", "acc5" (percent), "loss" (mean cross-entropy), "images"} of `model` (unwrapped)."""
+    args = run.args
+    batch_size = batch_size or args.batch_size
+    mine = shard(len(dataset), run.rank, run.world)
+    batches = [[(i, 0) for i in mine[s:s + batch_size]] for s in range(0, len(mine), batch_size)]
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
+                                         pin_memory=args.pin_mem and device.type == "cuda")
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # top-1 hits, top-5 hits, loss sum, images
+    with torch.no_grad(), run.accelerator.autocast():
+        for imgs, labels, _ in loader:
+            logits = model(imgs.to(device, non_blocking=True)).float()
+            labels = labels.to(device)
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+            sums += torch.stack([top[:, 0].sum().double(), top.any(dim=1).sum().double(),
+                                 F.cross_entropy(logits, labels, reduction="sum").double(),
+                                 torch.tensor(float(len(labels)), dtype=torch.float64, device=device)]).to(sums)
+    model.train(was_training)
+    hits1, hits5, loss, count = run.accelerator.reduce(sums, reduction="sum").tolist()
+    if count == 0:
+        return {"acc1": 0.0, "acc5": 0.0, "loss": float("nan"), "images": 0}
+    return {"acc1": 100.0 * hits1 / count, "acc5": 100.0 * hits5 / count, "loss": loss / count, "images": int(count)}
