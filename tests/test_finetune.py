@@ -148,6 +148,7 @@ def test_group_layer_decay_matches_hand_computed_ids():
 
 
 def test_no_layer_decay_gives_two_groups_and_timm_builds_the_optimizer():
+    assert fcmae.optim.param_groups is param_groups  # reachable as fcmae.optim after `import fcmae`
     model = timm.create_model("convnextv2_atto", num_classes=5)
     groups = param_groups(model, 0.05)
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0] and all(g["lr_scale"] == 1.0 for g in groups)
