@@ -44,13 +44,23 @@ def check_model_name(name):
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_SPECS)}")
 
 
+def timm_shape(model):
+    """(depths, widths) of a timm ConvNeXt V2 model's four stages."""
+    return tuple(len(stage.blocks) for stage in model.stages), tuple(info["num_chs"] for info in model.feature_info)
+
+
+def model_name(model):
+    """The ConvNeXt V2 size of a timm convnextv2 model, from its depths and widths (None if none)."""
+    shape = timm_shape(model)
+    return next((n for n, s in MODEL_SPECS.items() if (s.depths, s.dims) == shape), None)
+
+
 def create_convnextv2(name, **kwargs):
     """The dense timm ConvNeXt V2 `name` (keyword arguments go to timm.create_model)."""
     check_model_name(name)
     model = timm.create_model(name, pretrained=False, **kwargs)
     spec = MODEL_SPECS[name]
-    depths = tuple(len(stage.blocks) for stage in model.stages)
-    dims = tuple(info["num_chs"] for info in model.feature_info)
+    depths, dims = timm_shape(model)
     if (depths, dims) != (spec.depths, spec.dims):
         raise RuntimeError(f"the installed timm's {name} has depths {depths} and widths {dims}, "
                            f"not the official {spec.depths} and {spec.dims}; install timm 1.x")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fcmae.models.convnextv2 import MODEL_SPECS
+from fcmae.models.convnextv2 import MODEL_SPECS, model_name
 from fcmae.models.fcmae import FCMAE, create_model
 from fcmae.weights.layouts import LAYOUTS, decoder_rows, encoder_rows, their_shape, to_ours, to_theirs
 
@@ -257,13 +257,6 @@ _HEAD_NAMES = {
 }
 
 
-def convnextv2_name(model):
-    """The ConvNeXt V2 size of a timm convnextv2 model, from its depths and widths."""
-    depths = tuple(len(stage.blocks) for stage in model.stages)
-    dims = tuple(info["num_chs"] for info in model.feature_info)
-    return next((n for n, s in MODEL_SPECS.items() if (s.depths, s.dims) == (depths, dims)), None)
-
-
 def load_classifier(model, source, head_std=2e-5):
     """Load `source` (any layout `load` reads) into timm's convnextv2 `model` for fine-tuning.
 
@@ -276,7 +269,7 @@ def load_classifier(model, source, head_std=2e-5):
     state, extras = read_state_dict(source)
     layout = detect_layout(state)
     ours, arch, _ = convert(state, layout)
-    name, in_chans = convnextv2_name(model), model.stem[0].in_channels
+    name, in_chans = model_name(model), model.stem[0].in_channels
     if (arch.name, arch.in_chans) != (name, in_chans):
         raise WeightsError(f"the weights are {arch.name} with {arch.in_chans} input channels, but the model is "
                            f"{name} with {in_chans}; pass --model {arch.name}" if arch.name != name else
@@ -399,4 +392,4 @@ def _atomic(path, write):
 
 __all__ = ["WeightsError", "Architecture", "load", "load_into", "load_classifier", "describe", "encoder_state",
            "export",
-           "save_weights", "convert", "read_state_dict", "detect_layout", "convnextv2_name", "EXPORT_FORMATS"]
+           "save_weights", "convert", "read_state_dict", "detect_layout", "EXPORT_FORMATS"]
