@@ -44,3 +44,13 @@ def test_ci_sized_experiment_runs_end_to_end(tmp_path):
     # the export step wrote the official layout, and the probes of the pretrained encoder read it
     assert f"loaded the encoder from {tmp_path / 'encoder_fcmae.pt'}" in \
         (tmp_path / "logs" / "probe_pretrained_seed0.txt").read_text()
+
+
+def test_an_unknown_override_is_named_with_the_keys_there_are(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "bloodmnist" / "run.py"), "--npz", str(tmp_path / "none.npz"),
+               "--preset", "ci", "--override", '{"pretrain_epoch": 80}', "--work", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--override names ['pretrain_epoch'], which no preset has" in result.stderr
+    assert "'pretrain_epochs'" in result.stderr
+    assert not (tmp_path / "data").exists()

@@ -9,7 +9,9 @@ compute cost that fits a CPU budget). --per_class_limit keeps the first N images
 per split (for the CI-sized run).
 """
 import argparse
+import concurrent.futures
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,13 @@ CLASSES = ("basophil", "eosinophil", "erythroblast", "immature_granulocyte", "ly
 SPLITS = ("train", "val", "test")
 
 
-def prepare(npz, out, size=64, per_class_limit=None):
+def write_images(jobs, size):
+    """Upscale and save (image, path) pairs; run in worker processes."""
+    for image, path in jobs:
+        Image.fromarray(image).resize((size, size), Image.BICUBIC).save(path)
+
+
+def prepare(npz, out, size=64, per_class_limit=None, workers=None):
     """Write the class folders (skipped when `out` already holds the same preparation); returns `out`."""
     out = Path(out)
     stamp = {"npz": str(Path(npz).resolve()), "size": size, "per_class_limit": per_class_limit}
@@ -28,7 +36,7 @@ def prepare(npz, out, size=64, per_class_limit=None):
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return out
     data = np.load(npz)
-    counts = {}
+    counts, jobs = {}, []
     for split in SPLITS:
         images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
         seen = np.zeros(len(CLASSES), dtype=int)
@@ -38,9 +46,13 @@ def prepare(npz, out, size=64, per_class_limit=None):
             seen[label] += 1
             folder = out / split / f"{label}_{CLASSES[label]}"
             folder.mkdir(parents=True, exist_ok=True)
-            img = Image.fromarray(image).resize((size, size), Image.BICUBIC)
-            img.save(folder / f"{split}_{index:05d}.png")
+            jobs.append((image, folder / f"{split}_{index:05d}.png"))
         counts[split] = int(seen.sum())
+    workers = workers or os.cpu_count() or 1
+    chunk = -(-len(jobs) // workers)
+    with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        for done in [pool.submit(write_images, jobs[i:i + chunk], size) for i in range(0, len(jobs), chunk)]:
+            done.result()
     marker.write_text(json.dumps(stamp))
     print(f"wrote {counts} images ({size}x{size} PNG) to {out}")
     return out

@@ -2,8 +2,9 @@
 
     python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz               # full CPU run
     python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz --preset ci   # a few minutes
+    python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz --preset gpu --jobs 4
 
-1. prepare.py turns the .npz into class folders of 64x64 PNG files (official splits);
+1. prepare.py turns the .npz into class folders of PNG files at the preset's resolution (official splits);
 2. pretrain.py pretrains convnextv2_atto on train/ without labels, for a fixed number of epochs;
 3. `python -m fcmae.export` writes its encoder in the official layout;
 4. finetune.py --linear_probe true trains a probe on that encoder and on a randomly initialised
@@ -13,14 +14,17 @@
 
 Every step runs the scripts as a user would (a subprocess each, nothing special-cased for this
 data in the library) and is skipped when its output is complete, so an interrupted run continues.
-The evaluation recipe is fixed in PRESETS and identical for both encoders.
+The evaluation recipe is fixed in PRESETS and identical for both encoders; --override changes a
+preset's values (JSON) for a variant, e.g. --override '{"pretrain_epochs": 80}'.
 """
 import argparse
+import concurrent.futures
 import json
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,31 +33,40 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from prepare import CLASSES, prepare  # noqa: E402
 
-COMMON = ["--model", "convnextv2_atto", "--input_size", "64", "--device", "cpu", "--num_workers", "2"]
+MODEL = "convnextv2_atto"
+PROBE = ["--weight_decay", "0", "--warmup_epochs", "1"]
+FINETUNE = ["--warmup_epochs", "1", "--layer_decay", "0.9", "--weight_decay", "0.05", "--drop_path", "0.1",
+            "--smoothing", "0.1", "--reprob", "0.25"]
+# about 30 minutes of pretraining on 2 CPU cores, then about 30 of probes and fine-tunes
+FULL = dict(
+    input_size=64, device="cpu", mixed_precision="no", num_workers=2,
+    per_class_limit=None, pretrain_epochs=25, pretrain_seed=0,
+    pretrain=["--batch_size", "64", "--blr", "6e-3", "--warmup_epochs", "2", "--save_ckpt_freq", "5",
+              "--log_every", "10"],
+    probe_seeds=(0, 1, 2), probe_epochs=3, probe=["--batch_size", "256", "--blr", "1e-2", *PROBE],
+    finetune_seeds=(0,), finetune_epochs=3, finetune=["--batch_size", "64", "--blr", "4e-3", *FINETUNE],
+)
 PRESETS = {
-    # about 30 minutes of pretraining on 2 CPU cores, then about 30 of probes and fine-tunes
-    "full": dict(
-        per_class_limit=None, pretrain_epochs=25,
-        pretrain=["--batch_size", "64", "--blr", "6e-3", "--warmup_epochs", "2", "--save_ckpt_freq", "5",
-                  "--log_every", "10"],
-        probe_seeds=(0, 1, 2), probe_epochs=3,
-        probe=["--batch_size", "256", "--blr", "1e-2", "--weight_decay", "0", "--warmup_epochs", "1"],
-        finetune_seeds=(0,), finetune_epochs=3,
-        finetune=["--batch_size", "64", "--blr", "4e-3", "--warmup_epochs", "1", "--layer_decay", "0.9",
-                  "--weight_decay", "0.05", "--drop_path", "0.1", "--smoothing", "0.1", "--reprob", "0.25"],
-    ),
+    "full": FULL,
     # a few hundred images, a few minutes: the slow test in CI
     "ci": dict(
-        per_class_limit=40, pretrain_epochs=40,
+        FULL, per_class_limit=40, pretrain_epochs=40,
         pretrain=["--batch_size", "32", "--blr", "1.2e-2", "--warmup_epochs", "2", "--save_ckpt_freq", "40",
                   "--log_every", "10"],
-        probe_seeds=(0, 1, 2), probe_epochs=10,
-        probe=["--batch_size", "64", "--blr", "4e-2", "--weight_decay", "0", "--warmup_epochs", "1"],
-        finetune_seeds=(0,), finetune_epochs=3,
-        finetune=["--batch_size", "32", "--blr", "8e-3", "--warmup_epochs", "1", "--layer_decay", "0.9",
-                  "--weight_decay", "0.05", "--drop_path", "0.1", "--smoothing", "0.1", "--reprob", "0.25"],
+        probe_epochs=10, probe=["--batch_size", "64", "--blr", "4e-2", *PROBE],
+        finetune=["--batch_size", "32", "--blr", "8e-3", *FINETUNE],
+    ),
+    # one GPU (H100/H200), a few minutes: the full data at 128 px, more epochs, bf16
+    "gpu": dict(
+        FULL, input_size=128, device="cuda", mixed_precision="bf16", num_workers=12, pretrain_epochs=60,
+        pretrain=["--batch_size", "256", "--blr", "2e-3", "--warmup_epochs", "5", "--save_ckpt_freq", "20",
+                  "--log_every", "20"],
+        probe_epochs=10, finetune_epochs=10, finetune=["--batch_size", "128", "--blr", "4e-3", *FINETUNE],
     ),
 }
+
+
+TIMINGS_LOCK = threading.Lock()
 
 
 def run(stage, command, work, timings):
@@ -67,8 +80,9 @@ def run(stage, command, work, timings):
     if result.returncode != 0:
         tail = (logs / f"{stage}.txt").read_text()[-2000:]
         sys.exit(f"{stage} failed (exit {result.returncode}); its log is {logs / f'{stage}.txt'}:\n{tail}")
-    timings[stage] = round(time.perf_counter() - tic, 1)
-    (work / "timings.json").write_text(json.dumps(timings, indent=1))
+    with TIMINGS_LOCK:
+        timings[stage] = round(time.perf_counter() - tic, 1)
+        (work / "timings.json").write_text(json.dumps(timings, indent=1))
 
 
 def epochs_logged(folder):
@@ -84,23 +98,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--npz", required=True, help="bloodmnist.npz (MedMNIST v2)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+    p.add_argument("--override", default="{}", help="JSON object of preset values to change")
+    p.add_argument("--jobs", type=int, default=1, help="probes and fine-tunes run this many at a time")
     p.add_argument("--work", default=None, help="runs and data (default: runs/bloodmnist_<preset>)")
     p.add_argument("--results", default=None, help="table and plots (default: <work>/results)")
     args = p.parse_args(argv)
-    cfg = PRESETS[args.preset]
+    cfg = dict(PRESETS[args.preset])
+    override = json.loads(args.override)
+    unknown = sorted(set(override) - set(cfg))
+    if unknown:
+        p.error(f"--override names {unknown}, which no preset has; the keys are {sorted(cfg)}")
+    cfg.update(override)
     work = Path(args.work or ROOT / "runs" / f"bloodmnist_{args.preset}").resolve()
     results = Path(args.results or work / "results").resolve()
     timings_file = work / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     py = sys.executable
+    common = ["--model", MODEL, "--input_size", cfg["input_size"], "--device", cfg["device"],
+              "--mixed_precision", cfg["mixed_precision"], "--num_workers", cfg["num_workers"]]
 
-    data = prepare(args.npz, work / "data", size=64, per_class_limit=cfg["per_class_limit"])
+    data = prepare(args.npz, work / "data", size=cfg["input_size"], per_class_limit=cfg["per_class_limit"])
     counts = {split: sum(1 for _ in (data / split).rglob("*.png")) for split in ("train", "test")}
 
     pre = work / "pretrain"
     if len(epochs_logged(pre)) < cfg["pretrain_epochs"] or not (pre / "encoder.safetensors").is_file():
-        run("pretrain", [py, "pretrain.py", *COMMON, *cfg["pretrain"], "--epochs", cfg["pretrain_epochs"],
-                         "--data_path", data / "train", "--output_dir", pre, "--seed", 0], work, timings)
+        run("pretrain", [py, "pretrain.py", *common, *cfg["pretrain"], "--epochs", cfg["pretrain_epochs"],
+                         "--data_path", data / "train", "--output_dir", pre, "--seed", cfg["pretrain_seed"]],
+            work, timings)
     encoder = work / "encoder_fcmae.pt"
     if not encoder.is_file():
         run("export", [py, "-m", "fcmae.export", pre / "encoder.safetensors", "--format", "official",
@@ -109,20 +133,22 @@ def main(argv=None):
     labelled = ["--data_set", "image_folder", "--data_path", data / "train", "--eval_data_path", data / "test",
                 "--nb_classes", len(CLASSES), "--crop_pct", "1.0", "--log_with", "none", "--mixup", "0",
                 "--cutmix", "0", "--model_ema", "false"]
-    runs = {}
+    pending, names = [], []
     for kind, seeds, epochs, extra in (("probe", cfg["probe_seeds"], cfg["probe_epochs"], ["--linear_probe", "true"]),
                                        ("finetune", cfg["finetune_seeds"], cfg["finetune_epochs"], [])):
         for init in ("pretrained", "random"):
             for seed in seeds:
                 name = f"{kind}_{init}_seed{seed}"
-                out = work / name
-                if len(epochs_logged(out)) < epochs:
+                names.append(name)
+                if len(epochs_logged(work / name)) < epochs:
                     weights = ["--finetune", encoder] if init == "pretrained" else []
-                    run(name, [py, "finetune.py", *COMMON, *labelled, *cfg[kind], *extra, *weights,
-                               "--epochs", epochs, "--seed", seed, "--output_dir", out], work, timings)
-                runs[name] = epochs_logged(out)
-
-    report(cfg, runs, pre, results, counts, timings, args.preset)
+                    pending.append((name, [py, "finetune.py", *common, *labelled, *cfg[kind], *extra, *weights,
+                                           "--epochs", epochs, "--seed", seed, "--output_dir", work / name]))
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        for done in [pool.submit(run, name, command, work, timings) for name, command in pending]:
+            done.result()
+    runs = {name: epochs_logged(work / name) for name in names}
+    return report(cfg, runs, pre, results, counts, timings, args.preset)
 
 
 def report(cfg, runs, pre, results, counts, timings, preset):
@@ -141,7 +167,8 @@ def report(cfg, runs, pre, results, counts, timings, preset):
     margin = {kind: table[f"{kind}_pretrained"]["mean"] - table[f"{kind}_random"]["mean"]
               for kind in ("probe", "finetune")}
     pre_log = epochs_logged(pre)
-    summary = {"preset": preset, "images": counts, "table": table, "margin": margin, "wall_seconds": timings,
+    summary = {"preset": preset, "config": cfg, "images": counts, "table": table, "margin": margin,
+               "wall_seconds": timings,
                "pretrain_loss": [line["train_loss"] for line in pre_log],
                "curves": {n: [line["test_acc1"] for line in lines] for n, lines in runs.items()}}
     (results / "results.json").write_text(json.dumps(summary, indent=1))
@@ -151,7 +178,7 @@ def report(cfg, runs, pre, results, counts, timings, preset):
         spread = f" ± {t['std']:.2f}" if len(t["runs"]) > 1 else ""
         return f"{t['mean']:.2f}{spread} (n={len(t['runs'])})"
 
-    md = ["| encoder (convnextv2_atto, 64px) | linear probe top-1 % | fine-tune top-1 % |",
+    md = [f"| encoder ({MODEL}, {cfg['input_size']} px) | linear probe top-1 % | fine-tune top-1 % |",
           "|---|---|---|",
           f"| random initialisation | {cell('probe_random')} | {cell('finetune_random')} (from scratch) |",
           f"| FCMAE pretrained, {cfg['pretrain_epochs']} epochs | {cell('probe_pretrained')} | "

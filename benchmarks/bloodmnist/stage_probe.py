@@ -7,6 +7,10 @@ For a randomly initialised convnextv2_atto and for the given weights: features o
 test/ without augmentation (the evaluation transform, crop_pct 1), each stage's output averaged
 over positions and the head's pooled, normalised features; then a multinomial logistic
 regression (standardised features, L-BFGS, small L2) per feature set. Prints test / train top-1.
+Also two signs of feature collapse: the effective rank (exp of the entropy of the normalised
+squared singular values) of each stage's pooled features over the test images, and, as in the
+ConvNeXt V2 paper's collapse analysis, the mean pairwise cosine distance / 2 between the
+channels' feature maps after each block's MLP activation (0.5: unrelated channels, 0: all alike).
 A diagnostic for the investigation in the README, not the experiment's protocol (that is
 finetune.py --linear_probe true).
 """
@@ -20,12 +24,33 @@ from fcmae.data import LabelledImages, class_folders, eval_transform, normalizat
 from fcmae.weights import load_classifier
 
 
-def features(model, root, size, batch=256):
+def channel_distance(activation):
+    """Mean over samples of the mean pairwise cosine distance / 2 between channel maps (N, C, H, W)."""
+    maps = F.normalize(activation.flatten(2), dim=2)
+    cosine = maps @ maps.transpose(1, 2)
+    return ((1 - cosine).mean((1, 2)) / 2).sum().item()
+
+
+def effective_rank(x):
+    singular = torch.linalg.svdvals(x - x.mean(0))
+    p = singular ** 2 / (singular ** 2).sum()
+    return torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+
+
+def features(model, root, size, batch=256, diversity=None):
+    """Pooled features of each stage and the head; `diversity` (a dict) collects channel distances per stage."""
     files, labels, _ = class_folders(root)
     mean, std = normalization(3)
     data = LabelledImages(files, labels, eval_transform(size, mean, std, crop_pct=1.0))
     loader = torch.utils.data.DataLoader(data, batch_sampler=[[(i, 0) for i in range(s, min(s + batch, len(data)))]
                                                               for s in range(0, len(data), batch)], num_workers=2)
+    hooks = []
+    if diversity is not None:
+        for i, stage in enumerate(model.stages):
+            for block in stage.blocks:
+                def hook(module, inputs, output, i=i, n=len(stage.blocks) * len(data)):
+                    diversity[i] = diversity.get(i, 0.0) + channel_distance(output) / n
+                hooks.append(block.mlp.act.register_forward_hook(hook))
     out = {}
     with torch.no_grad():
         for imgs, _, _ in loader:
@@ -37,6 +62,8 @@ def features(model, root, size, batch=256):
             parts["head (pooled, normalised)"] = model.forward_head(x, pre_logits=True)
             for key, value in parts.items():
                 out.setdefault(key, []).append(value)
+    for hook in hooks:
+        hook.remove()
     return {k: torch.cat(v) for k, v in out.items()}, torch.tensor(labels)
 
 
@@ -70,10 +97,15 @@ def main():
         model = timm.create_model(args.model, num_classes=classes).eval()
         if name == "pretrained":
             load_classifier(model, args.weights)
+        diversity = {}
         train, y_train = features(model, f"{args.data}/train", args.size)
-        test, y_test = features(model, f"{args.data}/test", args.size)
+        test, y_test = features(model, f"{args.data}/test", args.size, diversity=diversity)
         scores = {k: logistic_probe(train[k], y_train, test[k], y_test, classes) for k in train}
         print(f"{name:>10}: " + "; ".join(f"{k} {a:.1f} / {b:.1f}" for k, (a, b) in scores.items()), flush=True)
+        print(" " * 12 + "effective rank (test): " + "; ".join(
+            f"{k} {effective_rank(v):.1f} of {v.shape[1]}" for k, v in test.items() if k.startswith("stage")))
+        print(" " * 12 + "channel distance (test): " + "; ".join(
+            f"stage {i} {d:.2f}" for i, d in sorted(diversity.items())), flush=True)
 
 
 if __name__ == "__main__":
