@@ -2,8 +2,9 @@
 through the real pipeline (class folders, pretrain.py, the export, finetune.py) and reports.
 
 What it does not assert: that the pretrained encoder's linear probe beats a random encoder's.
-At this budget it does not (see the README's BloodMNIST section); the comparison is written to
-results.json and the table, and asserted nowhere until it holds."""
+At no CPU-sized setting measured does it (64 px: 12 points behind; 224 px: level; see the
+README's BloodMNIST section and benchmarks/bloodmnist/results/investigation.txt); the
+comparison is written to results.json and the table, and asserted nowhere until it holds."""
 import json
 import os
 import subprocess
