@@ -104,7 +104,12 @@ def main(argv=None):
     p.add_argument("--results", default=None, help="table and plots (default: <work>/results)")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
-    override = json.loads(args.override)
+    try:
+        override = json.loads(args.override)
+    except json.JSONDecodeError as error:
+        p.error(f"--override is not valid JSON ({error}); write it like '{{\"input_size\": 128}}'")
+    if not isinstance(override, dict):
+        p.error("--override must be a JSON object of preset values, like '{\"input_size\": 128}'")
     unknown = sorted(set(override) - set(cfg))
     if unknown:
         p.error(f"--override names {unknown}, which no preset has; the keys are {sorted(cfg)}")
