@@ -94,6 +94,12 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def mean_spread(entry, digits):
+    """'mean ± std' of a table entry ({"runs", "mean", "std"}); the mean alone for a single run."""
+    spread = f" ± {entry['std']:.{digits}f}" if len(entry["runs"]) > 1 else ""
+    return f"{entry['mean']:.{digits}f}{spread}"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--npz", required=True, help="bloodmnist.npz (MedMNIST v2)")
@@ -168,7 +174,8 @@ def report(cfg, runs, pre, results, counts, timings, preset):
     for kind in ("probe", "finetune"):
         for init in ("pretrained", "random"):
             values = [v for n, v in final.items() if n.startswith(f"{kind}_{init}_")]
-            table[f"{kind}_{init}"] = {"runs": values, "mean": mean_std(values)[0], "std": mean_std(values)[1]}
+            mean, std = mean_std(values)
+            table[f"{kind}_{init}"] = {"runs": values, "mean": mean, "std": std}
     margin = {kind: table[f"{kind}_pretrained"]["mean"] - table[f"{kind}_random"]["mean"]
               for kind in ("probe", "finetune")}
     pre_log = epochs_logged(pre)
@@ -179,9 +186,7 @@ def report(cfg, runs, pre, results, counts, timings, preset):
     (results / "results.json").write_text(json.dumps(summary, indent=1))
 
     def cell(key):
-        t = table[key]
-        spread = f" ± {t['std']:.2f}" if len(t["runs"]) > 1 else ""
-        return f"{t['mean']:.2f}{spread} (n={len(t['runs'])})"
+        return f"{mean_spread(table[key], 2)} (n={len(table[key]['runs'])})"
 
     md = [f"| encoder ({MODEL}, {cfg['input_size']} px) | linear probe top-1 % | fine-tune top-1 % |",
           "|---|---|---|",

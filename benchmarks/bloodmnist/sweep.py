@@ -15,7 +15,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import PRESETS  # noqa: E402
+from run import PRESETS, mean_spread  # noqa: E402
 
 PRETRAIN = PRESETS["ci"]["pretrain"]
 VARIANTS = {
@@ -49,8 +49,10 @@ def main():
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
 
+    common = json.loads(args.override)
+
     def one(name):
-        override = {"device": args.device, **VARIANTS[name], **json.loads(args.override)}
+        override = {"device": args.device, **VARIANTS[name], **common}
         command = [sys.executable, HERE / "run.py", "--npz", args.npz, "--preset", "ci", "--jobs", args.jobs,
                    "--override", json.dumps(override), "--work", work / name]
         with open(work / f"{name}.log", "w") as log:
@@ -68,13 +70,11 @@ def main():
         if s is None:
             rows.append(f"| {name} | failed, see {name}.log | | | | | |")
             continue
-        t = s["table"]
-
-        def cell(key):
-            return f"{t[key]['mean']:.1f} ± {t[key]['std']:.1f}" if len(t[key]["runs"]) > 1 else f"{t[key]['mean']:.1f}"
-        rows.append(f"| {name} | {s['wall_seconds'].get('pretrain', 0):.0f} | {cell('probe_random')} | "
-                    f"{cell('probe_pretrained')} | {s['margin']['probe']:+.1f} | {cell('finetune_random')} | "
-                    f"{cell('finetune_pretrained')} |")
+        probe_random, probe_pretrained, finetune_random, finetune_pretrained = (
+            mean_spread(s["table"][key], 1)
+            for key in ("probe_random", "probe_pretrained", "finetune_random", "finetune_pretrained"))
+        rows.append(f"| {name} | {s['wall_seconds'].get('pretrain', 0):.0f} | {probe_random} | {probe_pretrained} | "
+                    f"{s['margin']['probe']:+.1f} | {finetune_random} | {finetune_pretrained} |")
     (work / "sweep.md").write_text("\n".join(rows) + "\n")
     (work / "sweep.json").write_text(json.dumps(summaries, indent=1))
     print("\n".join(rows))
