@@ -298,6 +298,8 @@ def main(argv=None):
                                         momentum=args.momentum, **optimizer_args)
     except (AssertionError, ValueError, TypeError) as err:
         parser.error(f"--opt {args.opt}: {err}")
+    if args.compile:
+        model.compile()  # after the EMA copy is made: the copy must not share the compiled call
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
@@ -326,7 +328,7 @@ def main(argv=None):
     what = "linear probe of" if args.linear_probe else "fine-tuning"
     say(f"{what} {args.model} ({n_parameters / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
         f"{len(classes)} classes from {args.data_path}, {args.input_size}px, on {run.world} x {accelerator.device} "
-        f"({accelerator.mixed_precision} mixed precision)"
+        f"({accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})"
         + ("; augmentation, mixup, smoothing, drop path and layer decay off" if args.linear_probe else ""))
     run.describe_batch(lr, steps_per_epoch)
     run.open_logs()

@@ -18,7 +18,7 @@ from torchvision.utils import save_image
 import fcmae
 from fcmae.config import ArgumentParser, ConfigError, parse_with_config, str2bool
 from fcmae.data import ImageFiles, find_images, normalization, pretrain_transform, sample_photographs, view_transform
-from fcmae.models import BACKEND_CHOICES, list_models, random_patch_mask
+from fcmae.models import BACKEND_CHOICES, list_models, num_visible_patches, random_patch_mask
 from fcmae.optim import param_groups
 from fcmae.training.engine import Run, Schedule, add_run_arguments
 from fcmae.visualize import reconstruction_grid
@@ -145,7 +145,10 @@ def main(argv=None):
         except WeightsError as err:
             parser.error(f"{weights_path}: {err}")
         say(describe(loaded, weights_path))
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    # fused: one kernel for the whole update (3x faster than the default on 2 CPU cores, and fewer launches on GPU)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+    if args.compile:
+        model.compile(fullgraph=True)  # encoder, decoder and loss as one graph; the mask checks stay eager
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
@@ -155,7 +158,7 @@ def main(argv=None):
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
     say(f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {unwrapped.backend}) on "
         f"{len(files)} images from {source}, {args.input_size}px, on {run.world} x {accelerator.device} "
-        f"({accelerator.mixed_precision} mixed precision)")
+        f"({accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})")
     run.describe_batch(lr, steps_per_epoch)
     run.open_logs()
     if out and run.main_process:
@@ -173,7 +176,8 @@ def main(argv=None):
         if not run.main_process:
             return
         unwrapped.eval()
-        with accelerator.autocast():
+        # eager: a picture of 8 images in eval mode is not worth compiling a second graph for
+        with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
             grid = reconstruction_grid(unwrapped, vis_imgs.to(accelerator.device),
                                        vis_masks.to(accelerator.device), mean, std)
         unwrapped.train()
@@ -184,16 +188,18 @@ def main(argv=None):
                 {"reconstruction": grid.unsqueeze(0).numpy()}, step=run.state.global_step)
 
     step_masks = {}
+    num_visible = num_visible_patches(num_patches, args.mask_ratio)  # in every mask: no check needs the device
 
     def micro_step(batch, offset):
         imgs, n_skipped = batch
         step = run.state.global_step
         if step not in step_masks:  # the masks of the whole global batch, a function of (seed, step)
             step_masks.clear()
-            step_masks[step] = random_patch_mask(run.eff_batch, num_patches, args.mask_ratio,
-                                                 generator=torch.Generator().manual_seed(mask_seed(args.seed, step)))
+            masks = random_patch_mask(run.eff_batch, num_patches, args.mask_ratio,
+                                      generator=torch.Generator().manual_seed(mask_seed(args.seed, step)))
+            step_masks[step] = masks.pin_memory() if accelerator.device.type == "cuda" else masks
         mask = step_masks[step][offset:offset + args.batch_size].to(accelerator.device, non_blocking=True)
-        loss, _, _ = model(imgs.to(accelerator.device, non_blocking=True), mask)
+        loss, _, _ = model(imgs.to(accelerator.device, non_blocking=True), mask, num_visible=num_visible)
         return loss, int(n_skipped.sum())
 
     def after_step():
@@ -208,12 +214,13 @@ def main(argv=None):
     if out and run.main_process:
         export(unwrapped, "timm", out / "encoder.safetensors")  # atomic, safetensors, timm layout
     run.finish()
+    speed = f"{run.images_per_s:.1f} images/s in the last epoch"
     if out:
-        say(f"done after {run.state.global_step} steps: encoder {out / 'encoder.safetensors'} (timm layout), "
-            f"checkpoints {run.ckpt_dir}, log {out / 'log.txt'}, pictures {out / 'reconstructions'}"
+        say(f"done after {run.state.global_step} steps ({speed}): encoder {out / 'encoder.safetensors'} (timm "
+            f"layout), checkpoints {run.ckpt_dir}, log {out / 'log.txt'}, pictures {out / 'reconstructions'}"
             + (f", {args.log_with} logs {run.log_dir}" if run.log_with else ""))
     else:
-        say(f"done after {run.state.global_step} steps (nothing saved: --output_dir is empty)")
+        say(f"done after {run.state.global_step} steps ({speed}; nothing saved: --output_dir is empty)")
 
 
 if __name__ == "__main__":

@@ -221,10 +221,12 @@ class StepBatchSampler(torch.utils.data.Sampler):
     Each epoch draws one permutation from (seed, epoch). Optimiser step t of the epoch uses
     positions [t * G, (t + 1) * G) of it, G = batch_size * update_freq * num_processes;
     micro-step m of process r takes its own contiguous slice. So the global batch of a step
-    does not depend on the number of processes or on gradient accumulation.
+    does not depend on the number of processes or on gradient accumulation. One sampler serves
+    a whole run: `set_epoch` says which epoch (and step) the next pass starts at, so the
+    DataLoader and its workers can persist across epochs.
     """
 
-    def __init__(self, dataset_size, batch_size, update_freq, num_processes, rank, seed, epoch,
+    def __init__(self, dataset_size, batch_size, update_freq, num_processes, rank, seed, epoch=0,
                  start_step=0):
         self.global_batch = batch_size * update_freq * num_processes
         self.steps = dataset_size // self.global_batch
@@ -232,6 +234,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
         self.num_processes, self.rank = num_processes, rank
         self.seed, self.epoch, self.start_step = seed, epoch, start_step
         self.dataset_size = dataset_size
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self):
         return (self.steps - self.start_step) * self.update_freq
@@ -246,8 +251,9 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return range(start, start + self.batch_size)
 
     def __iter__(self):
+        epoch, start_step = self.epoch, self.start_step  # as set when this pass began
         order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + self.epoch)).tolist()
-        for step in range(self.start_step, self.steps):
+            self.seed * 1_000_003 + epoch)).tolist()
+        for step in range(start_step, self.steps):
             for micro in range(self.update_freq):
-                yield [(order[p], self.epoch) for p in self.positions(step, micro)]
+                yield [(order[p], epoch) for p in self.positions(step, micro)]

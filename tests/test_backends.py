@@ -4,11 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fcmae
 from fcmae.models.backends import resolve_backend
-from fcmae.models.backends.sparse import build_grids
+from fcmae.models.backends.sparse import VisiblePatches, z_order
 from conftest import BACKEND_NAMES, MINKOWSKI, fixed_probe, rel_err
 FP32_OUT_TOL = 2e-5   # observed ~1e-6: rounding only
 FP32_GRAD_TOL = 1e-4  # observed ~2e-6
@@ -159,27 +160,49 @@ def test_uneven_masks_agree_and_keep_gradients_finite(make_model):
             assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, (backend, key)
 
 
-def test_each_stage_keeps_exactly_the_visible_set():
-    mask = (torch.rand(3, 20) < 0.6).float()  # 160x128 image: 5x4 patches
-    grids = build_grids(mask, 160, 128)
+@pytest.mark.parametrize("uneven", [False, True])
+def test_each_stage_keeps_exactly_the_visible_set(uneven):
+    """At every stage the rows are exactly the visible locations (each once), grouped by sample,
+    and the four rows of each downsampling cell are consecutive in (dy, dx) order."""
+    gen = torch.Generator().manual_seed(0)
+    # 160x128 image: 5x4 patches; 12 visible of 20 in every sample, or a different count each
+    mask = (torch.rand(3, 20, generator=gen).argsort(1).argsort(1) >= 12).float()
+    if uneven:
+        mask[1, :3] = 1 - mask[1, :3]
+        assert len(set((mask == 0).sum(1).tolist())) > 1
+    patches = VisiblePatches(mask, 5, 4, None if uneven else 12)
+    assert patches.per_sample == (None if uneven else 12)
     visible = (mask == 0).view(3, 5, 4)
-    for stage, grid in enumerate(grids):
+    previous = None
+    for stage in range(4):
         factor = 2 ** (3 - stage)
+        rows = patches.stage(factor)
         expected = visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
-        assert grid.shape == tuple(expected.shape)
-        assert torch.equal(grid.index, expected.flatten().nonzero().squeeze(1))
-        if stage > 0:
-            finer = grids[stage - 1]
-            cells = grid.cell_rows(finer)
-            assert (cells >= 0).all()  # every child of a visible cell is visible
-            fine_index = finer.index[cells]  # (rows, 4) flat positions at twice the resolution
-            _, fh, fw = finer.shape
-            fy, fx = (fine_index % (fh * fw)) // fw, fine_index % fw
-            _, h, w = grid.shape
-            y, x = (grid.index % (h * w)) // w, grid.index % w
+        assert rows.shape == tuple(expected.shape)
+        assert torch.equal(rows.index.sort().values, expected.flatten().nonzero().squeeze(1))
+        _, h, w = rows.shape
+        sample = rows.index // (h * w)
+        assert torch.equal(sample, sample.sort().values)  # grouped by sample, in order
+        if previous is not None:
+            _, fh, fw = previous.shape
+            fine = previous.index.view(-1, 4)  # consecutive rows of the finer stage, by cell
+            fy, fx = (fine % (fh * fw)) // fw, fine % fw
+            y, x = (rows.index % (h * w)) // w, rows.index % w
             assert torch.equal(fy // 2, y.unsqueeze(1).expand_as(fy))
             assert torch.equal(fx // 2, x.unsqueeze(1).expand_as(fx))
             assert torch.equal(fy % 2 * 2 + fx % 2, torch.arange(4).expand_as(fy))
+        previous = rows
+
+
+def test_z_order_visits_each_location_once_cell_by_cell():
+    for factor in (1, 2, 4, 8):
+        dy, dx = z_order(factor)
+        assert sorted((dy * factor + dx).tolist()) == list(range(factor * factor))
+        assert torch.equal(dy % 2 * 2 + dx % 2, torch.arange(factor * factor) % 4)
+        if factor > 1:
+            coarse_y, coarse_x = z_order(factor // 2)
+            z = torch.arange(factor * factor)
+            assert torch.equal(dy // 2, coarse_y[z // 4]) and torch.equal(dx // 2, coarse_x[z // 4])
 
 
 def pointwise_flops(model, imgs, mask):
@@ -262,3 +285,62 @@ def test_bf16_autocast_runs_and_stays_close(make_model, backend):
             loss, pred, _ = model(imgs, mask)
     assert torch.isfinite(loss)
     assert abs(loss.item() - ref.item()) < 0.05 * ref.item()
+
+
+class DeviceWaits(TorchDispatchMode):
+    """Records the ops that make the host wait for the device: reading a value back (item, bool,
+    int, tolist go through _local_scalar_dense) and ops whose output size depends on the data."""
+    WAITING = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::is_nonzero",
+               "aten::_unique2", "aten::unique_consecutive", "aten::bincount")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.WAITING:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_a_training_step_with_random_masks_never_waits_for_the_device(make_model, backend):
+    model = make_model(backend=backend, decoder_embed_dim=64)
+    imgs = torch.randn(2, 3, 96, 64)
+    mask = model.random_mask(imgs)
+    with DeviceWaits() as waits:
+        loss, _, _ = model(imgs)  # a random mask drawn by the model
+        loss.backward()
+        loss, _, _ = model(imgs, mask, num_visible=model.num_visible(imgs))  # a mask vouched for
+        loss.backward()
+    assert waits.seen == []
+    # a mask given without its count is checked and counted, which waits (on a GPU)
+    with DeviceWaits() as waits:
+        model(imgs, mask)
+    assert "aten::_local_scalar_dense" in waits.seen
+
+
+def test_uneven_masks_take_the_path_that_counts(make_model):
+    model = make_model(decoder_embed_dim=64)
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    assert model.prepare_mask(imgs, mask)[1] is None
+    assert model.prepare_mask(imgs, torch.tensor([[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 1.0]]))[1] == 1
+    with pytest.raises(ValueError, match="num_visible must be between 0 and 4"):
+        model(imgs, mask, num_visible=5)
+
+
+@pytest.mark.parametrize("backend", ["sparse", "dense"])
+def test_the_step_after_the_mask_checks_is_one_graph(make_model, backend):
+    """torch.compile(fullgraph=True) traces encoder, decoder and loss without a break (traced
+    with the eager backend here: the trace is what is checked, not the code generator)."""
+    model = make_model(backend=backend, decoder_embed_dim=64)
+    imgs = torch.randn(2, 3, 96, 64)
+    mask, num_visible = model.prepare_mask(imgs, model.random_mask(imgs))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward_masked, backend="eager", fullgraph=True)
+    loss, pred, _ = compiled(imgs, mask, num_visible)
+    ref_loss, ref_pred, _ = model.forward_masked(imgs, mask, num_visible)
+    assert torch.equal(loss, ref_loss) and torch.equal(pred, ref_pred)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled(imgs, mask, num_visible)  # autocast queries trace too

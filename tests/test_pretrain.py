@@ -1,7 +1,9 @@
 """pretrain.py end to end on tiny images: outputs, resume, multi-process, bad input."""
 import importlib.util
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -187,18 +189,27 @@ def test_unreadable_files_are_skipped_and_counted(tmp_path):
     assert log["skipped_images"] >= 2
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path):
+@pytest.mark.parametrize("when", ["checkpoint every step", "read back late"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_path, when):
+    """Read back at once (a checkpoint every step) or only at the next --log_every step, a
+    non-finite loss stops the run naming its step, and no checkpoint holds what followed it."""
     out = tmp_path / "run"
+    extra = ["--save_ckpt_steps", "1"] if when == "checkpoint every step" else ["--log_every", "5"]
     command = [sys.executable, str(ROOT / "pretrain.py"), *SMALL, "--data_path", str(images),
-               "--output_dir", str(out), "--lr", "1e12", "--warmup_epochs", "0", "--save_ckpt_steps", "1",
-               "--no_norm_pix_loss"]
+               "--output_dir", str(out), "--lr", "1e12", "--warmup_epochs", "0", "--no_norm_pix_loss", *extra]
     result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert "the loss became" in result.stdout and "last good checkpoint is" in result.stdout
     assert "Traceback" not in result.stderr
+    step = int(re.search(r"the loss became \S+ at step (\d+)", result.stdout).group(1))
     checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
-    assert checkpoints and not list((out / "checkpoints").glob(".partial-*"))
-    load_file(str(checkpoints[-1] / "model.safetensors"))  # complete and readable
+    assert not list((out / "checkpoints").glob(".partial-*"))
+    assert all(int(c.name.split("-")[1]) <= step for c in checkpoints)  # none after the bad step
+    if when == "checkpoint every step":
+        assert checkpoints
+        load_file(str(checkpoints[-1] / "model.safetensors"))  # complete and readable
+    else:
+        assert step < 5 and not checkpoints  # found at the first read, naming the first bad step
 
 
 @pytest.mark.parametrize("args,message", [
@@ -273,3 +284,71 @@ def test_checkpoint_rotation_keeps_the_newest(images, tmp_path):
     names = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert names == ["checkpoint-00000010", "checkpoint-00000012"]
     shutil.rmtree(out)
+
+
+class Keys(torch.utils.data.Dataset):
+    """Returns each key it is asked for, and the process that served it."""
+
+    def __len__(self):
+        return 37
+
+    def __getitem__(self, key):
+        return torch.tensor(key), os.getpid()
+
+
+def test_persistent_workers_give_exactly_the_batches_of_fresh_loaders():
+    from fcmae.data import StepBatchSampler
+    plan = [(0, 0), (1, 0), (2, 3), (3, 1)]  # (epoch, step it starts at): a resume mid-epoch too
+    fresh = []
+    for epoch, start in plan:
+        sampler = StepBatchSampler(37, 3, 2, 2, 1, seed=5, epoch=epoch, start_step=start)
+        fresh.append([keys.tolist() for keys, _ in torch.utils.data.DataLoader(Keys(), batch_sampler=sampler)])
+    sampler = StepBatchSampler(37, 3, 2, 2, 1, seed=5)
+    loader = torch.utils.data.DataLoader(Keys(), batch_sampler=sampler, num_workers=2, persistent_workers=True)
+    persistent, workers = [], set()
+    for epoch, start in plan:
+        sampler.set_epoch(epoch, start_step=start)
+        batches = list(loader)
+        persistent.append([keys.tolist() for keys, _ in batches])
+        workers |= {pid for _, pids in batches for pid in pids.tolist()}
+    assert persistent == fresh
+    assert len(fresh[0]) == 37 // 12 * 2 and len(fresh[2]) == 0 and len(fresh[3]) == 4
+    assert len(workers) == 2  # the same two worker processes served every epoch
+
+
+def test_losses_are_read_back_only_when_needed(images, tmp_path, monkeypatch):
+    """The host reads the losses every --log_every steps, before checkpoints and at epoch ends,
+    never in between (each read waits for the device)."""
+    from fcmae.training.engine import Run
+    reads, original = [], Run.read_losses
+
+    def recording(self, epoch, progress=None):
+        if self.pending:
+            reads.append((self.state.global_step, len(self.pending)))
+        return original(self, epoch, progress)
+
+    monkeypatch.setattr(Run, "read_losses", recording)
+    # 24 images, batch 4: 6 steps an epoch, 2 epochs; a read every 4 steps and a checkpoint at step 9
+    pretrain.main([*SMALL, "--data_path", str(images), "--output_dir", str(tmp_path / "run"),
+                   "--log_every", "4", "--save_ckpt_steps", "9", "--save_ckpt_freq", "5"])
+    assert reads == [(4, 4), (6, 2), (8, 2), (9, 1), (12, 3)]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0, 1] and all(math.isfinite(e["train_loss"]) for e in log)
+
+
+@pytest.mark.slow
+def test_compiled_pretraining_matches_eager(images, tmp_path):
+    """--compile (the sparse encoder, decoder and loss as one fullgraph) trains as eager does, to
+    rounding: the compiler reorders floating-point sums, so not bitwise."""
+    args = [*SMALL, "--data_path", images, "--max_steps", "3", "--batch_size", "2"]
+    run_pretrain(*args, "--output_dir", tmp_path / "eager")
+    result = run_pretrain(*args, "--output_dir", tmp_path / "compiled", "--compile", "true", timeout=1200)
+    assert "torch.compile" in result.stdout
+    eager, compiled = final_params(tmp_path / "eager"), final_params(tmp_path / "compiled")
+    moved = 0.0
+    start = fcmae.create_model("convnextv2_atto", img_size=64, decoder_embed_dim=64)
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
+        if key in start.state_dict():
+            moved = max(moved, (eager[key] - start.state_dict()[key]).abs().max().item())
+    assert moved > 1e-3  # training moved the weights far more than the tolerance

@@ -1,19 +1,22 @@
 """The project's entry points: README commands, CI script, benchmark CLI."""
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from conftest import BACKEND_NAMES
+from test_pretrain import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args, timeout=300):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -37,20 +40,65 @@ def test_readme_main_command_runs_the_demo():
     assert command.startswith("python3 -m venv .venv") and command.endswith("python pretrain.py")
 
 
-def test_bench_prints_every_backend():
-    result = run("-m", "fcmae.bench", "--batch-size", "1", "--input-size", "64", "96",
-                 "--steps", "1", "--warmup", "0")
+def bench_rows(stdout):
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    return {line.split()[1]: line.split() for line in lines[header + 1:] if line.strip()}
+
+
+def test_bench_prints_every_backend_and_timm(tmp_path):
+    result = run("-m", "fcmae.bench", "--batch_size", "1", "--input_size", "64", "96",
+                 "--steps", "1", "--warmup", "0", "--json", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr
-    assert "convnextv2_atto, batch 1, 64x96, mask ratio 0.6, fp32" in result.stdout
-    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
-    assert set(rows) == set(BACKEND_NAMES)
-    assert all(float(row[1]) > 0 for row in rows.values())
+    assert "batch 1, 64x96, mask ratio 0.6, fp32" in result.stdout
+    assert "whole training step (forward, backward, AdamW)" in result.stdout
+    rows = bench_rows(result.stdout)
+    assert set(rows) == set(BACKEND_NAMES) | {"timm"}
+    assert all(float(row[2]) > 0 for row in rows.values())
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["row"] for r in records} == set(rows)
+    by_row = {r["row"]: r for r in records}
+    # every FCMAE row is credited with the same (the sparse network's) FLOPs; timm's full image costs more
+    assert by_row["dense"]["gflop_per_image"] == by_row["sparse"]["gflop_per_image"] > 0
+    assert by_row["timm"]["gflop_per_image"] > by_row["sparse"]["gflop_per_image"]
+    assert all(r["mfu"] is None for r in records)  # no GPU peak on the CPU
 
 
-def test_bench_rejects_bad_arguments_in_one_sentence():
-    result = run("-m", "fcmae.bench", "--input-size", "64", "64", "64")
-    assert result.returncode == 2 and "--input-size takes one value" in result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.slow
+def test_bench_compiles_each_row(tmp_path):
+    result = run("-m", "fcmae.bench", "--batch_size", "2", "--input_size", "64", "--rows", "sparse", "timm",
+                 "--steps", "1", "--warmup", "1", "--compile", "true", "--channels_last", "true",
+                 "--json", tmp_path / "bench.json", timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled, channels-last" in result.stdout
+    records = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["row"] for r in records] == ["sparse", "timm"]
+    assert all(r["compile"] and r["images_per_s"] > 0 for r in records)
+    assert [r["channels_last"] for r in records] == [False, True]
+
+
+def test_loader_bench_measures_each_worker_count(tmp_path):
+    make_images(tmp_path / "images", count=6)
+    result = run("-m", "fcmae.bench", "--data", tmp_path / "images", "--input_size", "64", "--batch_size", "4",
+                 "--num_workers", "0", "1", "--batches", "3", "--json", tmp_path / "loader.json")
+    assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / "loader.json").read_text())
+    assert [r["num_workers"] for r in records] == [0, 1]
+    assert all(r["images_per_s"] > 0 for r in records)
+    assert records[1]["images_per_s_per_worker"] == records[1]["images_per_s"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input_size", "64", "64", "64"], "--input_size takes one value"),
+    (["--input_size", "100"], "--input_size must be a multiple of 32"),
+    (["--mask_ratio", "1"], r"--mask_ratio must be in \[0, 1\)"),
+    (["--data", "/no/such/folder"], "--data /no/such/folder is not a folder of images"),
+    (["--rows", "fast"], "argument --rows: invalid choice: 'fast'"),
+])
+def test_bench_rejects_bad_arguments_in_one_sentence(args, message):
+    result = run("-m", "fcmae.bench", *args)
+    assert result.returncode == 2 and re.search(message, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_finetune_without_data_says_what_it_needs():
@@ -58,3 +106,18 @@ def test_finetune_without_data_says_what_it_needs():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("finetune.py: error: --data_path is required: the ImageNet root (train/ and "
                                      "val/) or, with --data_set image_folder, a folder of class sub-folders")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_its_smoke_plan_on_cpu(tmp_path):
+    """benchmarks/gpu/run.py is run for real only where a GPU is lent: its CPU smoke plan keeps
+    every part of it (table, synthetic photographs, loader, pretrain.py run, summary) working."""
+    result = run("benchmarks/gpu/run.py", tmp_path, "--smoke", timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["row"] for r in summary["steps"]} == {"sparse", "dense", "timm"}
+    assert all(r["images_per_s"] > 0 for r in summary["steps"] + summary["loader"])
+    assert summary["pretrain"]["steps_done"] == 3 and summary["pretrain"]["images_per_s"] > 0
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Training step" in text and "## Input pipeline" in text and "## pretrain.py" in text
+    assert (tmp_path / "summary.json").stat().st_size + len(text) < 1_000_000

@@ -10,6 +10,7 @@ import timm
 from torch import nn
 
 from fcmae.models.backends import get_backend
+from fcmae.models.backends.common import ENCODER_STRIDE
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,6 @@ MODEL_SPECS = {
     "convnextv2_large": ConvNeXtV2Spec((3, 3, 27, 3), (192, 384, 768, 1536)),
     "convnextv2_huge": ConvNeXtV2Spec((3, 3, 27, 3), (352, 704, 1408, 2816)),
 }
-
-# The encoder's total stride: stem 4, then three 2x downsamplings.
-ENCODER_STRIDE = 32
-
 
 def list_models():
     """Names of the ConvNeXt V2 sizes, smallest first."""
@@ -86,9 +83,12 @@ class ConvNeXtV2Encoder(nn.Module):
         self.stages = trunk.stages
         self.backend = backend
 
-    def forward(self, imgs, mask):
-        """Latent map (N, C_last, H/32, W/32) of `imgs` seen through `mask` (N, L), 1 = removed."""
-        return get_backend(self.backend)(self, imgs, mask)
+    def forward(self, imgs, mask, num_visible=None):
+        """Latent map (N, C_last, H/32, W/32) of `imgs` seen through `mask` (N, L), 1 = removed.
+
+        num_visible: the number of visible patches of every sample, when known (random masks):
+        then no backend waits for the device to learn it."""
+        return get_backend(self.backend)(self, imgs, mask, num_visible)
 
 
 __all__ = [

@@ -120,22 +120,42 @@ class FCMAE(nn.Module):
         h, w = self.grid_size(imgs)
         return random_patch_mask(imgs.shape[0], h * w, self.mask_ratio, imgs.device, generator)
 
-    def _check_mask(self, imgs, mask):
+    def num_visible(self, imgs):
+        """Visible patches per sample of a random mask for `imgs`."""
+        h, w = self.grid_size(imgs)
+        return num_visible_patches(h * w, self.mask_ratio)
+
+    def prepare_mask(self, imgs, mask=None, num_visible=None):
+        """(mask on the images' device, visible patches per sample, or None when counts differ).
+
+        None draws a random mask on the device. A given mask is checked (shape, values 0 or 1)
+        and counted where it lies: on the host that costs the device nothing, on the GPU the
+        host waits for it. Giving `num_visible` (as pretrain.py does for its random masks)
+        vouches for the mask: only its shape is checked, and nothing waits for the device.
+        """
+        if mask is None:
+            return self.random_mask(imgs), self.num_visible(imgs)
         h, w = self.grid_size(imgs)
         if mask.shape != (imgs.shape[0], h * w):
             raise ValueError(
                 f"mask must be shaped (N, L) = ({imgs.shape[0]}, {h * w}) for images of "
                 f"{imgs.shape[2]}x{imgs.shape[3]}, got {tuple(mask.shape)}"
             )
-        mask = mask.to(device=imgs.device, dtype=imgs.dtype)
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask values must be 0 (visible) or 1 (removed)")
-        return mask
+        if num_visible is None:
+            visible = mask == 0
+            if not (visible | (mask == 1)).all():
+                raise ValueError("mask values must be 0 (visible) or 1 (removed)")
+            counts = visible.sum(1)
+            if counts.numel() == 0 or bool((counts == counts[0]).all()):
+                num_visible = int(counts[0]) if counts.numel() else 0
+        elif not 0 <= num_visible <= h * w:
+            raise ValueError(f"num_visible must be between 0 and {h * w} patches, got {num_visible}")
+        return mask.to(device=imgs.device, dtype=imgs.dtype, non_blocking=True), num_visible
 
     # ----- the network -----------------------------------------------------------------------
     def forward_encoder(self, imgs, mask):
         """Dense latent (N, C_last, H/32, W/32), zero at masked positions, always full size."""
-        return self.encoder(imgs, self._check_mask(imgs, mask))
+        return self.encoder(imgs, *self.prepare_mask(imgs, mask))
 
     def forward_decoder(self, latent, mask):
         """Pixel predictions (N, p*p*C, h, w) from the latent, mask token at masked positions."""
@@ -179,16 +199,29 @@ class FCMAE(nn.Module):
         patches = target * (1.0 - removed) + pred * removed
         return self.unpatchify(patches, grid=self.grid_size(imgs))
 
-    def forward(self, imgs, mask=None):
+    def forward(self, imgs, mask=None, num_visible=None):
         """`loss, pred, mask` for an image batch (N, C, H, W), H and W multiples of 32.
 
         mask: (N, L) with 1 = removed, L = (H/32)*(W/32); drawn at random when None.
+        num_visible: the visible patches of every sample of `mask`, when the caller knows it
+        (see `prepare_mask`); it makes the step free of host synchronisation.
         pred: (N, 32*32*C, H/32, W/32), the official layout.
         """
-        mask = self.random_mask(imgs) if mask is None else self._check_mask(imgs, mask)
-        latent = self.encoder(imgs, mask)
+        mask, num_visible = self.prepare_mask(imgs, mask, num_visible)
+        return self.forward_masked(imgs, mask, num_visible)
+
+    def forward_masked(self, imgs, mask, num_visible=None):
+        """`forward` after the mask is checked: no host synchronisation when `num_visible` (the
+        visible patches of every sample) is given, and one graph for torch.compile."""
+        latent = self.encoder(imgs, mask, num_visible)
         pred = self.forward_decoder(latent, mask)
         return self.forward_loss(imgs, pred, mask), pred, mask
+
+    def compile(self, **kwargs):
+        """torch.compile the part of `forward` after the mask checks (encoder, decoder, loss);
+        keyword arguments go to torch.compile. The checks stay eager: they read the mask's values."""
+        self.forward_masked = torch.compile(self.forward_masked, **kwargs)
+        return self
 
 
 def create_model(

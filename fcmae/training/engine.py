@@ -60,6 +60,8 @@ def add_run_arguments(parser, output_dir):
                    help="force a device (default: what accelerate chooses)")
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: what `accelerate config` / `accelerate launch` set")
+    p.add_argument("--compile", default=False, type=str2bool,
+                   help="torch.compile the model (the first steps take longer while it compiles)")
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--auto_resume", default=True, type=str2bool,
                    help="continue from the newest checkpoint in output_dir")
@@ -94,6 +96,8 @@ class Run:
         project = ProjectConfiguration(project_dir=str(self.log_dir or "."), logging_dir=str(self.log_dir or "."))
         self.accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision,
                                        log_with=self.log_with, project_config=project)
+        if self.accelerator.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its conv algorithms once
         self.say = self.accelerator.print
         self.main_process = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
@@ -101,6 +105,9 @@ class Run:
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state)
         self.saved_at = None
+        # steps whose losses the host has not read yet: (global step, lr, loss on the device, files skipped)
+        self.pending = []
+        self.tic, self.timed_from, self.images_per_s = time.perf_counter(), 0, 0.0
 
     @property
     def device(self):
@@ -165,21 +172,26 @@ class Run:
             with open(self.out / "log.txt", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def checkpoint(self):
-        """Save the accelerator's state (every process must call this), once per step at most."""
+    def checkpoint(self, epoch=None, progress=None):
+        """Save the accelerator's state (every process must call this), once per step at most,
+        after reading back the pending losses: a non-finite one stops the run before it is saved."""
+        if epoch is not None:
+            self.read_losses(epoch, progress)
         if self.out and self.args.save_ckpt and self.saved_at != self.state.global_step:
             save_checkpoint(self.accelerator, self.ckpt_dir, self.state.global_step, self.args.save_ckpt_num)
             self.saved_at = self.state.global_step
 
     # ----- the loop ----------------------------------------------------------------------------
 
-    def loader(self, dataset, epoch, start_step=0):
+    def loader(self, dataset):
+        """(batch sampler, DataLoader) for the whole run: the workers persist across epochs and
+        the sampler is told each epoch (and the step it starts at) with `set_epoch`."""
         args = self.args
-        sampler = StepBatchSampler(len(dataset), args.batch_size, args.update_freq, self.world, self.rank,
-                                   args.seed, epoch, start_step=start_step)
+        sampler = StepBatchSampler(len(dataset), args.batch_size, args.update_freq, self.world, self.rank, args.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                             pin_memory=args.pin_mem and self.device.type == "cuda")
-        return sampler, iter(loader)
+                                             pin_memory=args.pin_mem and self.device.type == "cuda",
+                                             persistent_workers=args.num_workers > 0)
+        return sampler, loader
 
     def fit(self, model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode=None,
             after_step=None, end_epoch=None):
@@ -190,24 +202,30 @@ class Run:
         accumulation, clipping and the optimiser step happen here. after_step() runs after every
         optimiser step, end_epoch(epoch) after every complete epoch and returns entries for its
         log line. train_mode() puts the model in training mode (default model.train()).
+
+        The host reads the losses back only every --log_every steps, before a checkpoint and at
+        the end of an epoch, so the device is never waited for in between; a non-finite loss
+        still stops the run before any checkpoint holds what followed it.
         """
         args, state, acc = self.args, self.state, self.accelerator
         train_mode = train_mode or model.train
         progress = tqdm(total=schedule.last_step, initial=state.global_step, disable=not self.main_process,
                         desc=self.name, dynamic_ncols=True)
+        sampler, loader = self.loader(dataset)
         stopped = state.global_step >= schedule.last_step
         while state.epoch < schedule.epochs and not stopped:
             epoch = state.epoch
             train_mode()
-            sampler, batches = self.loader(dataset, epoch, start_step=state.step_in_epoch)
-            sums = state.epoch_sums or {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
-            tic = time.perf_counter()
+            sampler.set_epoch(epoch, start_step=state.step_in_epoch)
+            batches = iter(loader)
+            if not state.epoch_sums:
+                state.epoch_sums = {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
+            self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
             for step in range(state.step_in_epoch, schedule.steps_per_epoch):
                 step_lr = schedule.lr_at(state.global_step)
                 set_lr(optimizer, step_lr)
                 seed_step(args.seed, state.global_step, self.rank)
-                step_loss = torch.zeros((), device=self.device)
-                skipped = 0
+                step_loss, skipped = None, 0
                 for micro in range(args.update_freq):
                     batch = next(batches)
                     sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
@@ -215,7 +233,8 @@ class Run:
                         with acc.autocast():
                             loss, n_skipped = micro_step(batch, sampler.offset_in_step(micro))
                         acc.backward(loss / args.update_freq)
-                    step_loss += loss.detach() / args.update_freq
+                    loss = loss.detach().float() / args.update_freq
+                    step_loss = loss if step_loss is None else step_loss + loss
                     skipped += n_skipped
                 log_now = (state.global_step + 1) % args.log_every == 0
                 grad_norm = None
@@ -224,37 +243,28 @@ class Run:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-
-                # the one host sync of a step: the global loss (log, finite check) and skipped files
-                totals = acc.reduce(torch.stack([step_loss, torch.tensor(float(skipped), device=self.device)]),
-                                    reduction="sum").tolist()
-                loss_value, skipped = totals[0] / self.world, int(totals[1])
-                if not math.isfinite(loss_value):
-                    self.stop(f"the loss became {loss_value} at step {state.global_step} (epoch {epoch})")
+                self.pending.append((state.global_step, step_lr, step_loss, skipped))
                 state.global_step += 1
                 state.step_in_epoch = step + 1
-                sums["loss"] += loss_value
-                sums["lr"] += step_lr
-                sums["steps"] += 1
-                sums["skipped"] += skipped
-                state.epoch_sums = sums
                 if after_step is not None:
                     after_step()
-                images_per_s = self.eff_batch * (step + 1 - sampler.start_step) / (time.perf_counter() - tic)
                 progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{step_lr:.2e}",
-                                     img_s=f"{images_per_s:.1f}", refresh=False)
-                if self.log_with and log_now:
-                    scalars = {"train/loss": loss_value, "train/lr": step_lr, "train/images_per_s": images_per_s}
-                    if grad_norm is not None:
-                        scalars["train/grad_norm"] = float(grad_norm)
-                    acc.log(scalars, step=state.global_step)
+                if log_now:
+                    loss_value = self.read_losses(epoch, progress)
+                    if self.log_with:
+                        scalars = {"train/loss": loss_value, "train/lr": step_lr,
+                                   "train/images_per_s": self.images_per_s}
+                        if grad_norm is not None:
+                            scalars["train/grad_norm"] = float(grad_norm)
+                        acc.log(scalars, step=state.global_step)
                 if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0:
-                    self.checkpoint()
+                    self.checkpoint(epoch, progress)
                 if state.global_step >= schedule.last_step:
                     stopped = True
                     break
 
+            self.read_losses(epoch, progress)
+            sums = state.epoch_sums
             epoch_done = state.step_in_epoch == schedule.steps_per_epoch
             extra = {}
             if epoch_done:
@@ -267,6 +277,32 @@ class Run:
                                  **extra, "epoch": epoch, "n_parameters": n_parameters,
                                  "skipped_images": sums["skipped"]})
         progress.close()
+
+    def read_losses(self, epoch, progress=None):
+        """Read back the losses of the steps not read yet (one host synchronisation and one
+        all-reduce for all of them), add them to the epoch's sums and stop on a non-finite one.
+        Returns the newest step's loss (None when nothing was pending)."""
+        pending, sums = self.pending, self.state.epoch_sums
+        if not pending:
+            return None
+        losses = torch.stack([loss for _, _, loss, _ in pending])
+        skipped = torch.tensor([float(n) for *_, n in pending], device=losses.device)
+        totals = self.accelerator.reduce(torch.cat([losses, skipped]), reduction="sum").tolist()
+        for (step, lr, _, _), loss_sum, n_skipped in zip(pending, totals, totals[len(pending):]):
+            loss_value = loss_sum / self.world
+            if not math.isfinite(loss_value):
+                self.stop(f"the loss became {loss_value} at step {step} (epoch {epoch})")
+            sums["loss"] += loss_value
+            sums["lr"] += lr
+            sums["steps"] += 1
+            sums["skipped"] += int(n_skipped)
+        self.pending = []
+        images = self.eff_batch * (self.state.step_in_epoch - self.timed_from)
+        self.images_per_s = images / max(time.perf_counter() - self.tic, 1e-9)
+        if progress is not None:
+            progress.set_postfix(epoch=epoch, loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                 img_s=f"{self.images_per_s:.1f}", refresh=False)
+        return loss_value
 
     # ----- the end -----------------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ shape: (N, H, W, C) in the dense backend, (visible rows, C) in the sparse one.
 import torch
 import torch.nn.functional as F
 
+# The encoder's total stride (stem 4, then three 2x downsamplings): the side of a mask patch.
+ENCODER_STRIDE = 32
+
 
 def patch_visibility(mask, grid_h, grid_w):
     """(N, L) mask with 1 = removed -> (N, h, w) bool, True where the patch is visible."""
@@ -32,6 +35,12 @@ def layer_norm(x, norm):
 def linear(x, layer):
     """A Linear layer or a 1x1 Conv2d applied to channels-last rows."""
     return F.linear(x, layer.weight.flatten(1), layer.bias)
+
+
+def compute_dtype(x):
+    """The dtype autocast will run a convolution of `x` in (x's own when autocast is off)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def stats_dtype(x):

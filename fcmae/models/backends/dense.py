@@ -7,7 +7,8 @@ visible position. Visible outputs equal those of the submanifold-sparse network.
 import torch
 
 from fcmae.models.backends.common import (
-    block_pointwise, channel_norms, grn, layer_norm, patch_visibility, stage_factors, upsample_visibility,
+    ENCODER_STRIDE, block_pointwise, channel_norms, grn, layer_norm, patch_visibility, stage_factors,
+    upsample_visibility,
 )
 
 
@@ -28,9 +29,10 @@ def dense_block(block, x, mask=None):
     return x + y.permute(0, 3, 1, 2)
 
 
-def dense_forward(encoder, imgs, mask):
+def dense_forward(encoder, imgs, mask, num_visible=None):
+    # num_visible is not needed: the masks' shapes never depend on the mask
     n, _, height, width = imgs.shape
-    visible = patch_visibility(mask, height // 32, width // 32)
+    visible = patch_visibility(mask, height // ENCODER_STRIDE, width // ENCODER_STRIDE)
     # channels-last (N, H, W, 1) float masks, one per stage
     masks = [upsample_visibility(visible, f).unsqueeze(-1).to(imgs.dtype) for f in stage_factors()]
 

@@ -13,7 +13,7 @@ import warnings
 import torch
 
 from fcmae.models.backends.common import (
-    block_pointwise, grn_by_sample, layer_norm, patch_visibility, upsample_visibility,
+    ENCODER_STRIDE, block_pointwise, grn_by_sample, layer_norm, patch_visibility, upsample_visibility,
 )
 
 INSTALL_HINT = ("the minkowski backend needs MinkowskiEngine, which is not installed; build and install it "
@@ -79,10 +79,11 @@ def _conv(encoder, module_kind, conv, x, me_kind):
     return out, out.F + conv.bias.to(dtype)
 
 
-def minkowski_forward(encoder, imgs, mask):
+def minkowski_forward(encoder, imgs, mask, num_visible=None):
+    # num_visible is not used: MinkowskiEngine builds its coordinate maps on the host anyway
     me = import_minkowski()
     n, _, height, width = imgs.shape
-    visible = upsample_visibility(patch_visibility(mask, height // 32, width // 32), 8)
+    visible = upsample_visibility(patch_visibility(mask, height // ENCODER_STRIDE, width // ENCODER_STRIDE), 8)
     stem = encoder.stem(imgs)  # dense, as the official code
     coords = visible.nonzero().int().contiguous()  # (rows, 3): sample, y, x - from the mask alone
     feats = stem.permute(0, 2, 3, 1)[visible]
@@ -104,6 +105,6 @@ def minkowski_forward(encoder, imgs, mask):
     # scatter into the full grid (never x.dense(), which shrinks it to the largest coordinate)
     stride = 8
     coords = x.C.long()
-    latent = x.F.new_zeros(n, height // 32, width // 32, x.F.shape[1])
+    latent = x.F.new_zeros(n, height // ENCODER_STRIDE, width // ENCODER_STRIDE, x.F.shape[1])
     latent = latent.index_put((coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride), x.F)
     return latent.permute(0, 3, 1, 2)

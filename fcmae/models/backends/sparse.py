@@ -1,37 +1,83 @@
 """The `sparse` backend: pure PyTorch, per-location layers run on visible locations only.
 
-Features live as a (rows, C) matrix holding only the visible locations of a stage, in
-row-major (sample, y, x) order. LayerNorm, both MLP layers, GELU and GRN act on those rows,
-so their cost falls with the mask ratio. The depthwise 7x7 conv scatters the rows into a
-zero-filled channels-last map, runs the library's dense depthwise conv kernel over it and
-gathers the visible outputs back: with masked inputs at zero this is
-exactly the submanifold sparse convolution. Patches align with the encoder's total stride,
-so each 2x2 downsampling cell is either wholly visible or wholly masked; the downsampling
-conv is a Linear layer over the four gathered rows of each visible cell.
+Features live as a (rows, C) matrix holding only the visible locations of a stage. Rows come
+patch by patch (samples in order, each sample's visible patches in order) and, inside a patch,
+in Z order: the quadtree order in which the four locations of every 2x2 cell are consecutive
+(top-left, top-right, bottom-left, bottom-right). Patches align with the encoder's total stride,
+so each 2x2 downsampling cell is wholly visible or wholly masked, and the cell of a visible
+location is four consecutive rows of the finer stage: the downsampling conv is a reshape and a
+Linear layer. LayerNorm, both MLP layers, GELU and GRN act on the rows, so their cost falls with
+the mask ratio. The depthwise 7x7 conv scatters the rows into a zero-filled channels-last map,
+runs the library's dense depthwise conv kernel over it and gathers the visible outputs back:
+with masked inputs at zero this is exactly the submanifold sparse convolution.
+
+With the number of visible patches per sample known (always so for random masks) every index
+has a static size and is computed without waiting for the device, so a step has no host
+synchronisation and torch.compile captures the encoder as one graph. Other masks (a different
+count per sample) find their visible patches with nonzero(), which waits for the device.
 """
 import torch
 import torch.nn.functional as F
 
 from fcmae.models.backends.common import (
-    block_pointwise, channel_norms, grn, grn_by_sample, layer_norm, patch_visibility, stage_factors,
-    upsample_visibility,
+    ENCODER_STRIDE, block_pointwise, channel_norms, compute_dtype, grn, grn_by_sample, layer_norm, stage_factors,
 )
 
 
-class VisibleGrid:
-    """The visible locations of one stage's (N, H, W) map."""
+def z_order(factor, device=None):
+    """(dy, dx) of the factor x factor locations of a square in Z order (factor a power of 2).
 
-    def __init__(self, visible, uniform):
-        self.shape = tuple(visible.shape)
-        n, h, w = self.shape
-        self.index = visible.reshape(-1).nonzero().squeeze(1)  # flat (n, y, x) positions
-        self.sample = torch.div(self.index, h * w, rounding_mode="floor")
-        # every sample has the same number of visible rows (always so for random masks)
-        self.uniform = uniform
+    Location z has the bits of dy and dx interleaved, dy's above dx's: z = ...y1 x1 y0 x0, so
+    z // 4 is its cell's Z index at half the resolution and z % 4 = 2 * (dy % 2) + dx % 2."""
+    z = torch.arange(factor * factor, device=device)
+    dy, dx = torch.zeros_like(z), torch.zeros_like(z)
+    for bit in range(factor.bit_length() - 1):
+        dy |= ((z >> (2 * bit + 1)) & 1) << bit
+        dx |= ((z >> (2 * bit)) & 1) << bit
+    return dy, dx
 
-    @property
-    def num_rows(self):
-        return self.index.numel()
+
+class VisiblePatches:
+    """The visible patches of a batch, and where each stage's rows lie in that stage's map.
+
+    mask: (N, h * w) with 1 = removed. num_visible: the number of visible patches of every
+    sample when the caller knows it (no host synchronisation), else None.
+    """
+
+    def __init__(self, mask, grid_h, grid_w, num_visible=None):
+        n, num_patches = mask.shape
+        self.num_samples, self.grid = n, (grid_h, grid_w)
+        if num_visible is None:
+            visible = mask == 0
+            counts = visible.sum(1)
+            uniform = counts.numel() == 0 or bool((counts == counts[0]).all())  # waits for the device
+            num_visible = int(counts[0]) if uniform and counts.numel() else None
+            flat = visible.reshape(-1).nonzero().squeeze(1)
+        else:
+            # a stable sort puts each sample's visible patches (0) first, in index order
+            order = mask.argsort(dim=1, stable=True)[:, :num_visible]
+            flat = (order + torch.arange(n, device=mask.device).unsqueeze(1) * num_patches).reshape(-1)
+        self.per_sample = num_visible  # visible patches of each sample; None when counts differ
+        self.sample = torch.div(flat, num_patches, rounding_mode="floor")
+        patch = flat - self.sample * num_patches
+        self.patch_y = torch.div(patch, grid_w, rounding_mode="floor")
+        self.patch_x = patch - self.patch_y * grid_w
+
+    def stage(self, factor):
+        return StageRows(self, factor)
+
+
+class StageRows:
+    """The rows of one stage, `factor` x `factor` locations per visible patch."""
+
+    def __init__(self, patches, factor):
+        self.patches, self.factor = patches, factor
+        h, w = patches.grid
+        self.shape = (patches.num_samples, h * factor, w * factor)
+        dy, dx = z_order(factor, patches.sample.device)
+        _, height, width = self.shape
+        top = (patches.sample * height + patches.patch_y * factor) * width + patches.patch_x * factor
+        self.index = (top.unsqueeze(1) + (dy * width + dx)).reshape(-1)  # flat (n, y, x) of each row
 
     def scatter(self, rows):
         """(rows, C) -> (N, C, H, W) map, zero at masked positions, channels-last in memory."""
@@ -43,50 +89,33 @@ class VisibleGrid:
         """(N, C, H, W) map -> (rows, C) at the visible positions."""
         return dense.permute(0, 2, 3, 1).reshape(-1, dense.shape[1]).index_select(0, self.index)
 
-    def cell_rows(self, finer):
-        """For each visible location here, the rows of `finer` (twice the resolution) in its
-        2x2 cell, ordered (dy, dx): shape (rows, 4)."""
-        n, h, w = self.shape
-        _, fine_h, fine_w = finer.shape
-        y = torch.div(self.index % (h * w), w, rounding_mode="floor")
-        x = self.index % w
-        base = self.sample * (fine_h * fine_w) + 2 * y * fine_w + 2 * x
-        offsets = torch.tensor([0, 1, fine_w, fine_w + 1], device=base.device)
-        row_of = torch.full((n * fine_h * fine_w,), -1, dtype=torch.long, device=base.device)
-        row_of[finer.index] = torch.arange(finer.num_rows, device=base.device)
-        return row_of[base.unsqueeze(1) + offsets]
-
     def grn(self, rows, module):
         """GRN on (rows, C) with each sample's norms taken over its own visible rows."""
-        n, channels = self.shape[0], rows.shape[1]
-        if self.uniform:
-            per_sample = rows.reshape(n, -1, channels)
-            norms = channel_norms(per_sample, dim=1)
-            return grn(per_sample, norms, module).reshape(rows.shape)
-        return grn_by_sample(rows, self.sample, n, module)
+        patches, channels = self.patches, rows.shape[1]
+        if patches.per_sample is not None:
+            per_sample = rows.reshape(patches.num_samples, -1, channels)
+            return grn(per_sample, channel_norms(per_sample, dim=1), module).reshape(rows.shape)
+        sample = patches.sample.repeat_interleave(self.factor * self.factor)
+        return grn_by_sample(rows, sample, patches.num_samples, module)
 
 
-def build_grids(mask, height, width):
-    visible = patch_visibility(mask, height // 32, width // 32)
-    counts = visible.flatten(1).sum(1)
-    uniform = bool((counts == counts[0]).all()) if counts.numel() else True
-    return [VisibleGrid(upsample_visibility(visible, f), uniform) for f in stage_factors()]
-
-
-def sparse_forward(encoder, imgs, mask):
-    grids = build_grids(mask, imgs.shape[2], imgs.shape[3])
+def sparse_forward(encoder, imgs, mask, num_visible=None):
+    patches = VisiblePatches(mask, imgs.shape[2] // ENCODER_STRIDE, imgs.shape[3] // ENCODER_STRIDE, num_visible)
+    stages = [patches.stage(f) for f in stage_factors()]
     stem_conv, stem_norm = encoder.stem
     # The stem's 4x4 stride-4 conv is a Linear layer over 4x4 pixel cells: run it on visible cells.
-    cells = grids[0].gather(F.pixel_unshuffle(imgs, stem_conv.stride[0]))
+    cells = stages[0].gather(F.pixel_unshuffle(imgs, stem_conv.stride[0]))
     rows = layer_norm(F.linear(cells, stem_conv.weight.flatten(1), stem_conv.bias), stem_norm)
     for i, stage in enumerate(encoder.stages):
-        grid = grids[i]
+        rows_at = stages[i]
         if i > 0:
             ds_norm, ds_conv = stage.downsample
-            cells = layer_norm(rows, ds_norm)[grid.cell_rows(grids[i - 1])].flatten(1)
+            # each cell's four finer rows are consecutive, in (dy, dx) order
+            cells = layer_norm(rows, ds_norm).reshape(-1, 4 * rows.shape[1])
             # conv weight (C_out, C_in, 2, 2) -> (C_out, 2*2*C_in) in the cells' (dy, dx, c) order
             rows = F.linear(cells, ds_conv.weight.permute(0, 2, 3, 1).flatten(1), ds_conv.bias)
         for block in stage.blocks:
-            y = grid.gather(block.conv_dw(grid.scatter(rows)))
-            rows = rows + block_pointwise(block, y, grid.grn)
-    return grids[-1].scatter(rows)
+            # scattered in the conv's dtype (bf16 under autocast): half the bytes, same conv input
+            y = rows_at.gather(block.conv_dw(rows_at.scatter(rows.to(compute_dtype(rows)))))
+            rows = rows + block_pointwise(block, y, rows_at.grn)
+    return stages[-1].scatter(rows)
