@@ -305,7 +305,10 @@ def main(argv=None):
     if ema is not None:
         ema.to(accelerator.device if not args.model_ema_force_cpu else "cpu")
         accelerator.register_for_checkpointing(ema)
-    run.restore(steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+    try:
+        run.restore(model, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+    except ConfigError as err:
+        parser.error(str(err))
 
     def evaluate_all():
         """Top-1, top-5 and loss of the model (and of the EMA weights when asked), as log entries."""

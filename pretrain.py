@@ -153,7 +153,10 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
     # along than --init or a --resume weights file it started from
-    run.restore(steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+    try:
+        run.restore(model, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+    except ConfigError as err:
+        parser.error(str(err))
 
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
     say(f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {unwrapped.backend}) on "

@@ -419,6 +419,26 @@ def test_bad_arguments_stop_with_one_sentence(data, args, message, capsys):
     assert re.search(message, fail(defaults + args, capsys))
 
 
+def test_a_pretraining_output_dir_is_named_not_a_traceback(data, tmp_path):
+    """finetune.py pointed at a pretraining run's output_dir would resume from its checkpoints;
+    it says what the folder holds instead of failing inside accelerate. And the other way round."""
+    from test_pretrain import SMALL as PRETRAIN_SMALL, run_pretrain
+    out = tmp_path / "pretrained"
+    run_pretrain(*PRETRAIN_SMALL, "--epochs", "1", "--data_path", data / "train", "--output_dir", out)
+    result = run_finetune("--model", "convnextv2_atto", "--data_path", data, *SMALL, "--output_dir", out, expect=2)
+    err = result.stderr.strip()
+    assert "Traceback" not in result.stderr and len(err.splitlines()) == 1
+    assert re.search(r"checkpoint-00000006 is an FCMAE pretraining checkpoint \(pretrain.py\), made for another "
+                     r"model than this run's \(found through --output_dir .*\); give this run an --output_dir of its "
+                     r"own and pass pretrained weights with --finetune", err), err
+    tuned = tmp_path / "tuned"
+    run_finetune("--model", "convnextv2_atto", "--data_path", data, *SMALL, "--max_steps", "1",
+                 "--disable_eval", "true", "--output_dir", tuned)
+    result = run_pretrain(*PRETRAIN_SMALL, "--data_path", data / "train", "--resume", last_checkpoint(tuned),
+                          "--output_dir", tmp_path / "again", expect=2)
+    assert "is a classifier checkpoint (finetune.py)" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_eval_without_weights(data, tmp_path, capsys):
     result = run_finetune("--model", "convnextv2_atto", "--eval", "true", "--data_path", data, *SMALL,
                           "--output_dir", tmp_path / "nothing", expect=2)

@@ -56,10 +56,11 @@ def env():
             "OMP_NUM_THREADS": "1"}
 
 
-def run_pretrain(*args, launcher=None, timeout=600):
+def run_pretrain(*args, launcher=None, timeout=600, expect=0):
     command = (launcher or [sys.executable]) + [str(ROOT / "pretrain.py"), *map(str, args)]
     result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"pretrain failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == expect, f"pretrain exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+                                        f"{result.stderr[-3000:]}"
     return result
 
 

@@ -1,26 +1,31 @@
-"""Does FCMAE pretraining help on real images? BloodMNIST, end to end with the project's commands.
+"""Does FCMAE pretraining give a better fine-tuned model when labels are scarce? A label-fraction
+study on BloodMNIST, end to end with the project's own commands.
 
-    python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz               # full CPU run
-    python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz --preset ci   # a few minutes
+    python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz                # CPU, hours
+    python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz --preset ci    # minutes
     python benchmarks/bloodmnist/run.py --npz ../shared/data/bloodmnist.npz --preset gpu --jobs 4
 
-1. prepare.py turns the .npz into class folders of PNG files at the preset's resolution (official splits);
-2. pretrain.py pretrains convnextv2_atto on train/ without labels, for a fixed number of epochs;
+1. prepare.py writes class folders of PNG files at the preset's resolution (official splits);
+2. pretrain.py pretrains convnextv2_atto once, without labels, on every train and val image;
 3. `python -m fcmae.export` writes its encoder in the official layout;
-4. finetune.py --linear_probe true trains a probe on that encoder and on a randomly initialised
-   one, for several seeds, and evaluates on test/;
-5. finetune.py fine-tunes from the pretrained encoder and trains from scratch, same budget;
-6. results.json, results.md (the table) and PNG plots go to --results.
+4. for each label fraction and seed, a class-stratified subset of the training split (fixed by
+   the seed, recorded in subsets.json) is fine-tuned with finetune.py twice: from the pretrained
+   encoder and from scratch, same recipe and budget, at every learning rate of the preset;
+5. each arm's learning rate is chosen per fraction by its mean top-1 on the validation split;
+   only the chosen runs are evaluated on the test split;
+6. results.json, results.md (the table) and accuracy_vs_labels.png go to --results.
 
 Every step runs the scripts as a user would (a subprocess each, nothing special-cased for this
-data in the library) and is skipped when its output is complete, so an interrupted run continues.
-The evaluation recipe is fixed in PRESETS and identical for both encoders; --override changes a
-preset's values (JSON) for a variant, e.g. --override '{"pretrain_epochs": 80}'.
+data in the library) and is skipped when its output is complete, so an interrupted study
+continues where it stopped. --override changes a preset's values (JSON) for a variant, e.g.
+--override '{"pretrain_epochs": 80}'.
 """
 import argparse
 import concurrent.futures
 import json
-import shutil
+import os
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -34,55 +39,96 @@ sys.path.insert(0, str(HERE))
 from prepare import CLASSES, prepare  # noqa: E402
 
 MODEL = "convnextv2_atto"
-PROBE = ["--weight_decay", "0", "--warmup_epochs", "1"]
-FINETUNE = ["--warmup_epochs", "1", "--layer_decay", "0.9", "--weight_decay", "0.05", "--drop_path", "0.1",
-            "--smoothing", "0.1", "--reprob", "0.25"]
-# about 30 minutes of pretraining on 2 CPU cores, then about 30 of probes and fine-tunes
+# the fine-tuning recipe, identical for both arms: timm's RandAugment, random erasing, label
+# smoothing, drop path; no layer decay (it would slow the scratch arm's early layers)
+RECIPE = ["--batch_size", "32", "--weight_decay", "0.05", "--drop_path", "0.1", "--smoothing", "0.1",
+          "--reprob", "0.25", "--layer_decay", "1.0", "--mixup", "0", "--cutmix", "0", "--model_ema", "false"]
 FULL = dict(
-    input_size=64, device="cpu", mixed_precision="no", num_workers=2,
-    per_class_limit=None, pretrain_epochs=25, pretrain_seed=0,
+    input_size=96, device="cpu", mixed_precision="no", num_workers=2, per_class_limit=None,
+    pretrain_epochs=30, pretrain_seed=0,
     pretrain=["--batch_size", "64", "--blr", "6e-3", "--warmup_epochs", "2", "--save_ckpt_freq", "5",
-              "--log_every", "10"],
-    probe_seeds=(0, 1, 2), probe_epochs=3, probe=["--batch_size", "256", "--blr", "1e-2", *PROBE],
-    finetune_seeds=(0,), finetune_epochs=3, finetune=["--batch_size", "64", "--blr", "4e-3", *FINETUNE],
+              "--log_every", "20"],
+    # label fraction -> (seeds, fine-tuning epochs): about 300, 370 and 1,100 steps of batch 32
+    fractions={"0.01": [[0, 1, 2], 100], "0.1": [[0, 1, 2], 10], "1.0": [[0], 3]},
+    blrs=[4e-3, 1.6e-2],  # lr 5e-4 and 2e-3 at batch 32, for each arm
 )
 PRESETS = {
     "full": FULL,
-    # a few hundred images, a few minutes: the slow test in CI
+    # 40 images a class and split, a few minutes: the slow test in CI (a test of the pipeline)
     "ci": dict(
-        FULL, per_class_limit=40, pretrain_epochs=40,
-        pretrain=["--batch_size", "32", "--blr", "1.2e-2", "--warmup_epochs", "2", "--save_ckpt_freq", "40",
+        FULL, per_class_limit=40, pretrain_epochs=6,
+        pretrain=["--batch_size", "32", "--blr", "1.2e-2", "--warmup_epochs", "1", "--save_ckpt_freq", "6",
                   "--log_every", "10"],
-        probe_epochs=10, probe=["--batch_size", "64", "--blr", "4e-2", *PROBE],
-        finetune=["--batch_size", "32", "--blr", "8e-3", *FINETUNE],
+        fractions={"0.25": [[0, 1], 4], "1.0": [[0], 2]},
     ),
-    # one GPU (H100/H200), a few minutes: the full data at 128 px, more epochs, bf16
+    # one GPU (H100/H200), the whole study within one 8-minute call, run with --jobs 4
     "gpu": dict(
-        FULL, input_size=128, device="cuda", mixed_precision="bf16", num_workers=12, pretrain_epochs=60,
-        pretrain=["--batch_size", "256", "--blr", "2e-3", "--warmup_epochs", "5", "--save_ckpt_freq", "20",
-                  "--log_every", "20"],
-        probe_epochs=10, finetune_epochs=10, finetune=["--batch_size", "128", "--blr", "4e-3", *FINETUNE],
+        FULL, device="cuda", mixed_precision="bf16", num_workers=4, pretrain_epochs=60,
+        pretrain=["--batch_size", "256", "--blr", "3e-3", "--warmup_epochs", "5", "--save_ckpt_freq", "20",
+                  "--log_every", "20", "--num_workers", "12"],
+        fractions={"0.01": [[0, 1, 2], 100], "0.1": [[0, 1, 2], 20], "1.0": [[0], 5]},
     ),
 }
-
 
 TIMINGS_LOCK = threading.Lock()
 
 
+def stratified_subset(labels, fraction, seed):
+    """Sorted indices of a class-stratified subset: round(fraction x count) of each class (at least
+    one), drawn by a generator seeded with `seed`, so the same arguments give the same subset."""
+    by_class = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    rng = random.Random(seed)
+    chosen = []
+    for label in sorted(by_class):
+        members = by_class[label]
+        take = min(len(members), max(1, round(fraction * len(members))))
+        chosen += rng.sample(members, take)
+    return sorted(chosen)
+
+
+def subset_folder(train, fraction, seed, out):
+    """Class folders of symbolic links to the chosen training images; returns (folder, file names)."""
+    files = sorted(p for p in Path(train).rglob("*.png"))
+    chosen = [files[i] for i in stratified_subset([p.parent.name for p in files], fraction, seed)]
+    if not (out / "complete").is_file():
+        for path in chosen:
+            link = out / path.parent.name / path.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(path)
+        (out / "complete").touch()
+    return out, [f"{p.parent.name}/{p.name}" for p in chosen]
+
+
+def unlabelled_folder(data):
+    """A folder that shows pretrain.py every train and val image (links to both splits)."""
+    folder = data / "unlabelled"
+    folder.mkdir(exist_ok=True)
+    for split in ("train", "val"):
+        link = folder / f"{split}_images"  # not "train": pretrain.py would read only <path>/train
+        if not link.is_symlink():
+            link.symlink_to(data / split)
+    return folder
+
+
 def run(stage, command, work, timings):
-    """Run one of the project's commands, its output in work/logs/<stage>.txt; record its wall time."""
+    """Run one of the project's commands, its output in work/logs/<stage>.txt; record its wall
+    time; returns the output."""
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {stage}: {' '.join(map(str, command))}", flush=True)
     tic = time.perf_counter()
     with open(logs / f"{stage}.txt", "w") as log:
         result = subprocess.run([str(c) for c in command], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    output = (logs / f"{stage}.txt").read_text()
     if result.returncode != 0:
-        tail = (logs / f"{stage}.txt").read_text()[-2000:]
-        sys.exit(f"{stage} failed (exit {result.returncode}); its log is {logs / f'{stage}.txt'}:\n{tail}")
+        sys.exit(f"{stage} failed (exit {result.returncode}); its log is {logs / f'{stage}.txt'}:\n{output[-2000:]}")
     with TIMINGS_LOCK:
         timings[stage] = round(time.perf_counter() - tic, 1)
         (work / "timings.json").write_text(json.dumps(timings, indent=1))
+    return output
 
 
 def epochs_logged(folder):
@@ -94,10 +140,15 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def mean_spread(entry, digits):
-    """'mean ± std' of a table entry ({"runs", "mean", "std"}); the mean alone for a single run."""
-    spread = f" ± {entry['std']:.{digits}f}" if len(entry["runs"]) > 1 else ""
-    return f"{entry['mean']:.{digits}f}{spread}"
+def evaluation(name, split, command, work, timings):
+    """Top-1 of a finished run's final weights on `split`, cached in <run>/<split>.json."""
+    cache = work / name / f"{split}.json"
+    if not cache.is_file():
+        output = run(f"{name}_eval_{split}", command, work, timings)
+        match = re.search(r"on the (\d+) test images: top-1 ([\d.]+)%, top-5 ([\d.]+)%", output)
+        cache.write_text(json.dumps({"images": int(match.group(1)), "acc1": float(match.group(2)),
+                                     "acc5": float(match.group(3))}))
+    return json.loads(cache.read_text())
 
 
 def main(argv=None):
@@ -105,9 +156,9 @@ def main(argv=None):
     p.add_argument("--npz", required=True, help="bloodmnist.npz (MedMNIST v2)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     p.add_argument("--override", default="{}", help="JSON object of preset values to change")
-    p.add_argument("--jobs", type=int, default=1, help="probes and fine-tunes run this many at a time")
+    p.add_argument("--jobs", type=int, default=1, help="fine-tunes run this many at a time (GPU)")
     p.add_argument("--work", default=None, help="runs and data (default: runs/bloodmnist_<preset>)")
-    p.add_argument("--results", default=None, help="table and plots (default: <work>/results)")
+    p.add_argument("--results", default=None, help="table and plot (default: <work>/results)")
     args = p.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     try:
@@ -129,103 +180,119 @@ def main(argv=None):
               "--mixed_precision", cfg["mixed_precision"], "--num_workers", cfg["num_workers"]]
 
     data = prepare(args.npz, work / "data", size=cfg["input_size"], per_class_limit=cfg["per_class_limit"])
-    counts = {split: sum(1 for _ in (data / split).rglob("*.png")) for split in ("train", "test")}
+    counts = {split: sum(1 for _ in (data / split).rglob("*.png")) for split in ("train", "val", "test")}
 
     pre = work / "pretrain"
     if len(epochs_logged(pre)) < cfg["pretrain_epochs"] or not (pre / "encoder.safetensors").is_file():
         run("pretrain", [py, "pretrain.py", *common, *cfg["pretrain"], "--epochs", cfg["pretrain_epochs"],
-                         "--data_path", data / "train", "--output_dir", pre, "--seed", cfg["pretrain_seed"]],
+                         "--data_path", unlabelled_folder(data), "--output_dir", pre, "--seed", cfg["pretrain_seed"]],
             work, timings)
     encoder = work / "encoder_fcmae.pt"
     if not encoder.is_file():
         run("export", [py, "-m", "fcmae.export", pre / "encoder.safetensors", "--format", "official",
                        "--output", encoder], work, timings)
 
-    labelled = ["--data_set", "image_folder", "--data_path", data / "train", "--eval_data_path", data / "test",
-                "--nb_classes", len(CLASSES), "--crop_pct", "1.0", "--log_with", "none", "--mixup", "0",
-                "--cutmix", "0", "--model_ema", "false"]
-    pending, names = [], []
-    for kind, seeds, epochs, extra in (("probe", cfg["probe_seeds"], cfg["probe_epochs"], ["--linear_probe", "true"]),
-                                       ("finetune", cfg["finetune_seeds"], cfg["finetune_epochs"], [])):
-        for init in ("pretrained", "random"):
-            for seed in seeds:
-                name = f"{kind}_{init}_seed{seed}"
-                names.append(name)
-                if len(epochs_logged(work / name)) < epochs:
-                    weights = ["--finetune", encoder] if init == "pretrained" else []
-                    pending.append((name, [py, "finetune.py", *common, *labelled, *cfg[kind], *extra, *weights,
-                                           "--epochs", epochs, "--seed", seed, "--output_dir", work / name]))
+    labelled = ["--data_set", "image_folder", "--nb_classes", len(CLASSES), "--crop_pct", "1.0", "--log_with", "none"]
+    subsets, runs, pending = {}, {}, []
+    for fraction, (seeds, epochs) in cfg["fractions"].items():
+        for seed in seeds:
+            folder, names = subset_folder(data / "train", float(fraction), seed,
+                                          work / "subsets" / f"fraction{fraction}_seed{seed}")
+            subsets[f"{fraction}/{seed}"] = names
+            for arm in ("pretrained", "scratch"):
+                for blr in cfg["blrs"]:
+                    name = f"{arm}_fraction{fraction}_seed{seed}_blr{blr:g}"
+                    runs[name] = dict(arm=arm, fraction=fraction, seed=seed, blr=blr, data=folder)
+                    if len(epochs_logged(work / name)) < epochs:
+                        weights = ["--finetune", encoder] if arm == "pretrained" else []
+                        pending.append((name, [py, "finetune.py", *common, *labelled, *RECIPE, *weights,
+                                               "--data_path", folder, "--disable_eval", "true", "--blr", blr,
+                                               "--epochs", epochs, "--warmup_epochs", max(1, epochs // 10),
+                                               "--save_ckpt_freq", max(1, epochs // 4), "--seed", seed,
+                                               "--output_dir", work / name]))
+    (work / "subsets.json").write_text(json.dumps(subsets))
+
+    def evaluate(name, split):
+        r = runs[name]
+        command = [py, "finetune.py", *common, *labelled, "--eval", "true", "--data_path", r["data"],
+                   "--eval_data_path", data / split, "--output_dir", work / name]
+        return evaluation(name, split, command, work, timings)
+
+    def train_and_validate(name, command):
+        if command is not None:
+            run(name, command, work, timings)
+        return name, evaluate(name, "val")["acc1"]
+
+    jobs = [(name, command) for name, command in pending] + [(n, None) for n in runs if n not in dict(pending)]
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for done in [pool.submit(run, name, command, work, timings) for name, command in pending]:
-            done.result()
-    runs = {name: epochs_logged(work / name) for name in names}
-    return report(cfg, runs, pre, results, counts, timings, args.preset)
+        val = dict(f.result() for f in [pool.submit(train_and_validate, *job) for job in jobs])
+
+    # each arm's learning rate per fraction, by mean validation top-1 over the seeds; then test
+    chosen = {}
+    for fraction in cfg["fractions"]:
+        for arm in ("pretrained", "scratch"):
+            by_blr = {blr: statistics.mean(val[n] for n, r in runs.items()
+                                           if (r["arm"], r["fraction"], r["blr"]) == (arm, fraction, blr))
+                      for blr in cfg["blrs"]}
+            chosen[fraction, arm] = max(by_blr, key=by_blr.get), by_blr
+    test_runs = [n for n, r in runs.items() if r["blr"] == chosen[r["fraction"], r["arm"]][0]]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        test = dict(zip(test_runs, pool.map(lambda n: evaluate(n, "test")["acc1"], test_runs)))
+    return report(cfg, runs, val, test, chosen, subsets, pre, results, counts, timings, args.preset)
 
 
-def report(cfg, runs, pre, results, counts, timings, preset):
-    """results.json, results.md and the plots."""
+def report(cfg, runs, val, test, chosen, subsets, pre, results, counts, timings, preset):
+    """results.json, results.md and the plot."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results.mkdir(parents=True, exist_ok=True)
-    final = {name: lines[-1]["test_acc1"] for name, lines in runs.items()}  # the last epoch, not the best
     table = {}
-    for kind in ("probe", "finetune"):
-        for init in ("pretrained", "random"):
-            values = [v for n, v in final.items() if n.startswith(f"{kind}_{init}_")]
-            mean, std = mean_std(values)
-            table[f"{kind}_{init}"] = {"runs": values, "mean": mean, "std": std}
-    margin = {kind: table[f"{kind}_pretrained"]["mean"] - table[f"{kind}_random"]["mean"]
-              for kind in ("probe", "finetune")}
+    for fraction in cfg["fractions"]:
+        labels = len(subsets[f"{fraction}/{cfg['fractions'][fraction][0][0]}"])
+        row = {"labelled_images": labels}
+        for arm in ("pretrained", "scratch"):
+            blr, val_by_blr = chosen[fraction, arm]
+            accs = [test[n] for n, r in runs.items() if (r["arm"], r["fraction"], r["blr"]) == (arm, fraction, blr)]
+            mean, std = mean_std(accs)
+            row[arm] = {"test_acc1": accs, "mean": mean, "std": std, "blr": blr,
+                        "lr": blr * 32 / 256, "val_acc1_by_blr": {f"{b:g}": v for b, v in val_by_blr.items()}}
+        row["gain"] = row["pretrained"]["mean"] - row["scratch"]["mean"]
+        row["gain_over_twice_larger_std"] = row["gain"] > 2 * max(row["pretrained"]["std"], row["scratch"]["std"])
+        table[fraction] = row
     pre_log = epochs_logged(pre)
-    summary = {"preset": preset, "config": cfg, "images": counts, "table": table, "margin": margin,
-               "wall_seconds": timings,
-               "pretrain_loss": [line["train_loss"] for line in pre_log],
-               "curves": {n: [line["test_acc1"] for line in lines] for n, lines in runs.items()}}
+    summary = {"preset": preset, "config": {k: v for k, v in cfg.items()}, "images": counts, "table": table,
+               "pretrain_loss": [line["train_loss"] for line in pre_log], "wall_seconds": timings,
+               "validation_acc1": val, "subsets": subsets}
     (results / "results.json").write_text(json.dumps(summary, indent=1))
 
-    def cell(key):
-        return f"{mean_spread(table[key], 2)} (n={len(table[key]['runs'])})"
+    def cell(entry):
+        n = len(entry["test_acc1"])
+        spread = f" ± {entry['std']:.2f}" if n > 1 else ""
+        return f"{entry['mean']:.2f}{spread} (n={n}, lr {entry['lr']:g})"
 
-    md = [f"| encoder ({MODEL}, {cfg['input_size']} px) | linear probe top-1 % | fine-tune top-1 % |",
-          "|---|---|---|",
-          f"| random initialisation | {cell('probe_random')} | {cell('finetune_random')} (from scratch) |",
-          f"| FCMAE pretrained, {cfg['pretrain_epochs']} epochs | {cell('probe_pretrained')} | "
-          f"{cell('finetune_pretrained')} |",
-          f"| pretrained minus random | {margin['probe']:+.2f} | {margin['finetune']:+.2f} |"]
+    md = [f"| labels ({MODEL}, {cfg['input_size']} px) | from scratch | FCMAE pretrained | gain |",
+          "|---|---|---|---|"]
+    for fraction, row in table.items():
+        mark = " ✓" if row["gain_over_twice_larger_std"] else ""
+        md.append(f"| {100 * float(fraction):g}% ({row['labelled_images']} images) | {cell(row['scratch'])} | "
+                  f"{cell(row['pretrained'])} | {row['gain']:+.2f}{mark} |")
     (results / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
-    # pretraining loss, and the reconstructions before and after
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(range(len(pre_log)), summary["pretrain_loss"], marker="o", ms=3)
-    ax.set(xlabel="epoch", ylabel="masked-patch MSE (normalised pixels)", title="FCMAE pretraining loss")
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for arm, color, label in (("scratch", "tab:gray", "from scratch"), ("pretrained", "tab:blue", "FCMAE pretrained")):
+        xs = [100 * float(f) for f in table]
+        ax.errorbar(xs, [table[f][arm]["mean"] for f in table], yerr=[table[f][arm]["std"] for f in table],
+                    color=color, marker="o", capsize=4, label=label)
+    ax.set(xscale="log", xlabel=f"labelled training images (% of {counts['train']:,})", ylabel="test top-1 %",
+           title=f"BloodMNIST, {MODEL}, {cfg['input_size']} px, fine-tuned")
+    ax.set_xticks([100 * float(f) for f in table], [f"{100 * float(f):g}%" for f in table])
+    ax.minorticks_off()
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(results / "pretrain_loss.png", dpi=120)
-    plt.close(fig)
-    pictures = sorted((pre / "reconstructions").glob("epoch_*.png"))
-    shutil.copy(pre / "reconstructions" / "step_00000000.png", results / "reconstructions_start.png")
-    shutil.copy(pictures[-1], results / "reconstructions_end.png")
-
-    # accuracy: pretrained vs random, each seed a dot
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, kind, title in ((axes[0], "probe", "linear probe"), (axes[1], "finetune", "fine-tune")):
-        for i, init in enumerate(("random", "pretrained")):
-            t = table[f"{kind}_{init}"]
-            ax.bar(i, t["mean"], yerr=t["std"], color=("tab:gray", "tab:blue")[i], alpha=0.7, capsize=4)
-            ax.scatter([i] * len(t["runs"]), t["runs"], color="black", s=10, zorder=3)
-        ax.set(xticks=[0, 1], xticklabels=["random init", "FCMAE"], ylabel="test top-1 %", title=title)
-    for name, curve in summary["curves"].items():
-        style = "-" if name.startswith("finetune") else ":"
-        color = "tab:blue" if "pretrained" in name else "tab:gray"
-        axes[2].plot(range(1, len(curve) + 1), curve, style, color=color, marker="o", ms=3, alpha=0.8,
-                     label=name.rsplit("_seed", 1)[0].replace("_", ", ") if name.endswith("seed0") else None)
-    axes[2].set(xlabel="epoch", ylabel="test top-1 %", title="test accuracy per epoch")
-    axes[2].xaxis.get_major_locator().set_params(integer=True)
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(results / "accuracy.png", dpi=120)
+    fig.savefig(results / "accuracy_vs_labels.png", dpi=120)
     plt.close(fig)
     print(f"results in {results}")
     return summary

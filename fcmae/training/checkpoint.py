@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -48,6 +50,28 @@ def save_checkpoint(accelerator, folder, step, keep):
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_kind(keys):
+    """What kind of run wrote a model with these state-dict keys, in words."""
+    if any(k.startswith("encoder.") for k in keys) and any(k.startswith(("decoder.", "pred.")) for k in keys):
+        return "an FCMAE pretraining checkpoint (pretrain.py)"
+    if any(k.startswith("head.") for k in keys):
+        return "a classifier checkpoint (finetune.py)"
+    return "a checkpoint of another model"
+
+
+def check_fits(folder, model):
+    """None when the model saved in checkpoint `folder` has exactly `model`'s parameters, else a
+    sentence saying what the folder holds instead (a resume would otherwise fail inside accelerate)."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        return None  # a layout this check does not know; accelerate will say what it misses
+    with safe_open(str(path), framework="pt") as f:
+        saved = set(f.keys())
+    if saved == set(model.state_dict()):
+        return None
+    return f"{folder} is {checkpoint_kind(saved)}, made for another model than this run's"
 
 
 class TrainState:

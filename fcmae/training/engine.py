@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fcmae.config import ConfigError, str2bool
 from fcmae.data import StepBatchSampler
 from fcmae.optim import cosine_lr, set_lr
-from fcmae.training.checkpoint import TrainState, latest_checkpoint, save_checkpoint
+from fcmae.training.checkpoint import TrainState, check_fits, latest_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -137,14 +137,21 @@ class Run:
         self.say(f"effective batch {self.eff_batch} = {a.batch_size} x {a.update_freq} accumulation x {self.world} "
                  f"processes; lr {lr:.3g} (blr {lr * 256 / self.eff_batch:.3g}); {steps_per_epoch} steps per epoch")
 
-    def restore(self, steps_per_epoch, file_extras=None):
+    def restore(self, model, steps_per_epoch, file_extras=None):
         """Continue from a checkpoint folder (--resume FOLDER, else the newest in output_dir with
         --auto_resume); else from the epoch in `file_extras` (a --resume weights file's), else
-        --start_epoch. Returns the checkpoint folder resumed from, or None."""
+        --start_epoch. Returns the checkpoint folder resumed from, or None. A folder written for
+        another model (a pretraining run's output_dir given to finetune.py, say) raises ConfigError."""
         args, state = self.args, self.state
         latest = latest_checkpoint(self.ckpt_dir) if args.auto_resume and self.ckpt_dir else None
         folder = args.resume if args.resume and Path(args.resume).is_dir() else latest
         if folder:
+            problem = check_fits(folder, self.accelerator.unwrap_model(model))
+            if problem:
+                where = "--resume" if folder == args.resume else f"--output_dir {args.output_dir}"
+                raise ConfigError(f"{problem} (found through {where}); give this run an --output_dir of its own"
+                                  + (" and pass pretrained weights with --finetune" if self.name == "fcmae_finetune"
+                                     else ""))
             self.accelerator.load_state(str(folder))
             self.saved_at = state.global_step
             self.say(f"resumed from {folder} at epoch {state.epoch}, step {state.global_step}")
