@@ -23,7 +23,6 @@ continues where it stopped. --override changes a preset's values (JSON) for a va
 import argparse
 import concurrent.futures
 import json
-import os
 import random
 import re
 import statistics
