@@ -22,127 +22,122 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from fcmae.config import ArgumentParser, ConfigError, parse_with_config, str2bool
+from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
 from fcmae.data import LabelledImages, class_folders, eval_transform, finetune_transform, mean_std
-from fcmae.models import list_models
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import param_groups
 from fcmae.training.checkpoint import latest_checkpoint
-from fcmae.training.engine import Run, Schedule, add_run_arguments
+from fcmae.training.arguments import (
+    NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args,
+)
+from fcmae.training.engine import Run, Schedule
 from fcmae.training.evaluate import evaluate
 from fcmae.weights import WeightsError, describe, load_classifier, save_weights
 
-# What --linear_probe turns off: it trains BatchNorm + Linear on frozen features with light
-# augmentation (random resized crop and flip), as MAE's linear probing.
-PROBE_OVERRIDES = dict(aa=None, color_jitter=None, reprob=0.0, mixup=0.0, cutmix=0.0, cutmix_minmax=None,
-                       smoothing=0.0, drop_path=0.0, layer_decay=1.0)
+# What --linear_probe changes: it trains BatchNorm + Linear on frozen features with light
+# augmentation (random resized crop and flip), as MAE's linear probing. These beat a config
+# file's values; a flag given on the command line beats them.
+PROBE_DEFAULTS = dict(aa="none", color_jitter=None, reprob=0.0, mixup=0.0, cutmix=0.0, cutmix_minmax=None,
+                      smoothing=0.0, drop_path=0.0, layer_decay=1.0)
+FRACTION = number(float, 0, 1)
+BELOW_ONE = number(float, 0, 1, high_open=True)
+DESCRIPTION = """Fine-tune, linear-probe or evaluate ConvNeXt V2 encoders (timm's convnextv2_<size>) with
+labels. --data_path is required. Defaults are the official recipe's (main_finetune.py); see configs/finetune/
+for each size's."""
 
 
 def get_args_parser():
-    p = ArgumentParser("finetune.py", description="Fine-tune, linear-probe or evaluate ConvNeXt V2 encoders.")
-    p.add_argument("--config", default=None, help="YAML file whose keys are these argument names")
-    p.add_argument("--batch_size", default=64, type=int, help="batch size per process")
-    p.add_argument("--epochs", default=100, type=int)
-    p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
-    p.add_argument("--max_steps", default=None, type=int,
-                   help="stop after this many optimiser steps (smoke runs); the schedule still follows --epochs")
-    # model
-    p.add_argument("--model", default="convnextv2_base", choices=list_models())
-    p.add_argument("--input_size", default=224, type=int)
-    p.add_argument("--in_chans", default=3, type=int, choices=[1, 3])
-    p.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth rate")
-    p.add_argument("--layer_decay_type", default="single", choices=["single", "group"],
+    p = ArgumentParser("finetune.py", usage="python finetune.py --data_path PATH [options]  (or accelerate launch "
+                       "finetune.py ...)", description=DESCRIPTION)
+    groups = argument_groups(p)
+    add_run_arguments(
+        p, groups, output_dir="./output_dir/finetune",
+        data_help="required: with --data_set IMNET the root holding train/ and val/; with image_folder the "
+                  "training class folders",
+        resume_help="checkpoint folder, or weights file, to continue from (with --eval: the weights to evaluate)")
+    p.set_defaults(epochs=100, warmup_epochs=20, blr=5e-4, min_lr=1e-6)
+
+    g = groups["model"]
+    g.add_argument("--finetune", default="", help="pretrained weights (any layout fcmae.weights reads)")
+    g.add_argument("--drop_path", default=0.0, type=BELOW_ONE, help="stochastic depth rate")
+    g.add_argument("--head_init_scale", default=0.001, type=POSITIVE,
+                   help="scale of the classifier's initial weights (a model trained from scratch)")
+    g.add_argument("--linear_probe", default=False, type=str2bool,
+                   help="train only a BatchNorm (no affine) + Linear head on the frozen encoder; turns off "
+                        f"{', '.join(PROBE_DEFAULTS)} unless given on the command line")
+    g.add_argument("--model_ema", default=False, type=str2bool, help="keep an exponential moving average of the "
+                   "weights")
+    g.add_argument("--model_ema_decay", default=0.9999, type=FRACTION, help="the EMA's decay per step")
+    g.add_argument("--model_ema_force_cpu", default=False, type=str2bool, help="keep the EMA on the CPU")
+    g.add_argument("--model_ema_eval", default=False, type=str2bool, help="also evaluate the EMA weights")
+
+    g = groups["optimisation"]
+    g.add_argument("--layer_decay", default=1.0, type=number(float, 0, 1, low_open=True),
+                   help="layer-wise lr decay: each layer's lr is this times the next one's (1: off)")
+    g.add_argument("--layer_decay_type", default="single", choices=["single", "group"],
                    help="'single': one lr scale per block; 'group': three blocks per scale (base and up)")
-    p.add_argument("--head_init_scale", default=0.001, type=float,
-                   help="scale of the classifier's initial weights (the head of a model trained from scratch)")
-    p.add_argument("--linear_probe", default=False, type=str2bool,
-                   help="train only a BatchNorm (no affine) + Linear head on the frozen encoder")
-    # EMA
-    p.add_argument("--model_ema", default=False, type=str2bool)
-    p.add_argument("--model_ema_decay", default=0.9999, type=float)
-    p.add_argument("--model_ema_force_cpu", default=False, type=str2bool)
-    p.add_argument("--model_ema_eval", default=False, type=str2bool, help="also evaluate the EMA weights")
-    # optimiser
-    p.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (off by default)")
-    p.add_argument("--weight_decay", default=0.05, type=float)
-    p.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * batch / 256)")
-    p.add_argument("--blr", default=5e-4, type=float, help="base lr, scaled by effective batch / 256")
-    p.add_argument("--layer_decay", default=1.0, type=float)
-    p.add_argument("--min_lr", default=1e-6, type=float)
-    p.add_argument("--warmup_epochs", default=20, type=int)
-    p.add_argument("--warmup_steps", default=-1, type=int, help="warm-up in optimiser steps; overrides "
-                   "--warmup_epochs when above 0")
-    p.add_argument("--opt", default="adamw", help="any optimiser timm's create_optimizer_v2 knows")
-    p.add_argument("--opt_eps", default=1e-8, type=float)
-    p.add_argument("--opt_betas", default=None, type=float, nargs="+")
-    p.add_argument("--momentum", default=0.9, type=float, help="SGD momentum")
-    # augmentation
-    p.add_argument("--color_jitter", default=None, type=float, help="used only without --aa")
-    p.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy; 'none' for none")
-    p.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
-    p.add_argument("--train_interpolation", default="bicubic", choices=["random", "bilinear", "bicubic"])
-    p.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
-    p.add_argument("--remode", default="pixel", choices=["const", "rand", "pixel"])
-    p.add_argument("--recount", default=1, type=int)
-    p.add_argument("--mixup", default=0.0, type=float, help="mixup alpha (on when above 0)")
-    p.add_argument("--cutmix", default=0.0, type=float, help="cutmix alpha (on when above 0)")
-    p.add_argument("--cutmix_minmax", default=None, type=float, nargs="+")
-    p.add_argument("--mixup_prob", default=1.0, type=float)
-    p.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    p.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
-    # weights
-    p.add_argument("--finetune", default="", help="pretrained weights (any layout fcmae.weights reads)")
-    # data
-    p.add_argument("--data_path", default=None, help="IMNET: the root holding train/ and val/; image_folder: "
-                   "the training class folders")
-    p.add_argument("--eval_data_path", default=None, help="image_folder: the evaluation class folders")
-    p.add_argument("--data_set", default="IMNET", choices=["IMNET", "image_folder"])
-    p.add_argument("--nb_classes", default=1000, type=int, help="must equal the number of class folders")
-    p.add_argument("--imagenet_default_mean_and_std", default=True, type=str2bool,
+    g.add_argument("--warmup_steps", default=-1, type=number(int, -1),
+                   help="warm-up in optimiser steps; overrides --warmup_epochs when above 0")
+    g.add_argument("--opt", default="adamw", help="any optimiser timm's create_optimizer_v2 knows")
+    g.add_argument("--opt_eps", default=1e-8, type=POSITIVE, help="the optimiser's epsilon")
+    g.add_argument("--opt_betas", default=None, type=BELOW_ONE, nargs="+", help="the optimiser's betas")
+    g.add_argument("--momentum", default=0.9, type=FRACTION, help="SGD momentum")
+
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm auto-augment policy; 'none' for none")
+    g.add_argument("--color_jitter", default=None, type=NON_NEGATIVE, help="colour jitter strength, used only "
+                   "without --aa")
+    g.add_argument("--train_interpolation", default="bicubic", choices=["random", "bilinear", "bicubic"],
+                   help="resize interpolation of the training crops")
+    g.add_argument("--smoothing", default=0.1, type=BELOW_ONE, help="label smoothing")
+    g.add_argument("--reprob", default=0.25, type=FRACTION, help="random erasing probability")
+    g.add_argument("--remode", default="pixel", choices=["const", "rand", "pixel"], help="random erasing fill")
+    g.add_argument("--recount", default=1, type=POSITIVE_INT, help="random erasing count")
+    g.add_argument("--mixup", default=0.0, type=NON_NEGATIVE, help="mixup alpha (on when above 0)")
+    g.add_argument("--cutmix", default=0.0, type=NON_NEGATIVE, help="cutmix alpha (on when above 0)")
+    g.add_argument("--cutmix_minmax", default=None, type=number(float, 0, 1, low_open=True), nargs="+",
+                   help="cutmix box size bounds (turn cutmix on; overrides --cutmix)")
+    g.add_argument("--mixup_prob", default=1.0, type=FRACTION, help="probability of mixing a batch")
+    g.add_argument("--mixup_switch_prob", default=0.5, type=FRACTION, help="probability of cutmix over mixup")
+    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"], help="what mixes")
+
+    g = groups["data"]
+    g.add_argument("--data_set", default="IMNET", choices=["IMNET", "image_folder"],
+                   help="IMNET: <data_path>/train and /val; image_folder: --data_path and --eval_data_path")
+    g.add_argument("--eval_data_path", default=None, help="image_folder: the evaluation class folders")
+    g.add_argument("--nb_classes", default=1000, type=POSITIVE_INT, help="must equal the number of class folders")
+    g.add_argument("--imagenet_default_mean_and_std", default=True, type=str2bool,
                    help="ImageNet mean/std (true) or Inception's 0.5 (false)")
-    p.add_argument("--crop_pct", default=None, type=float, help="evaluation centre-crop fraction (default 0.875)")
-    # output, precision, resume
-    p.add_argument("--use_amp", default=False, type=str2bool,
-                   help="mixed precision on CUDA (bf16 where supported, else fp16), float32 on CPU; "
-                        "--mixed_precision overrides it")
-    p.add_argument("--resume", default="", help="checkpoint folder, or weights file, to continue from "
-                   "(with --eval: the weights to evaluate)")
-    p.add_argument("--eval", default=False, type=str2bool,
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", default=False, type=str2bool,
                    help="only evaluate one set of weights: --resume, else the newest checkpoint, else --finetune")
-    p.add_argument("--disable_eval", default=False, type=str2bool, help="no evaluation during training")
-    add_run_arguments(p, output_dir="./output_dir/finetune")
+    g.add_argument("--disable_eval", default=False, type=str2bool, help="no evaluation during training")
+    g.add_argument("--crop_pct", default=None, type=number(float, 0, 1, low_open=True),
+                   help="evaluation centre-crop fraction (default 0.875; at 384 px and up a plain resize)")
+
+    groups["devices"].add_argument("--use_amp", default=False, type=str2bool,
+                                   help="mixed precision on CUDA (bf16 where supported, else fp16), float32 on CPU; "
+                                        "--mixed_precision overrides it")
     return p
 
 
+def probe_defaults(args):
+    """With --linear_probe true, the probe's settings (above a config file, below the command line)."""
+    return PROBE_DEFAULTS if args.linear_probe else {}
+
+
 def check_args(args):
-    for name in ["batch_size", "epochs", "update_freq", "save_ckpt_freq", "log_every", "nb_classes", "recount"]:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["warmup_epochs", "num_workers", "save_ckpt_steps", "start_epoch", "drop_path", "smoothing",
-                 "reprob", "mixup", "cutmix"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    if args.input_size < 32:
-        raise ConfigError(f"--input_size must be at least 32 (the encoder's stride), got {args.input_size}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max_steps must be at least 1, got {args.max_steps}")
-    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
-        raise ConfigError(f"--crop_pct must be in (0, 1], got {args.crop_pct}")
-    if args.layer_decay <= 0:
-        raise ConfigError(f"--layer_decay must be above 0, got {args.layer_decay}")
+    """What the flags' own ranges cannot say."""
+    if args.data_path is None:
+        raise ConfigError("--data_path is required: the ImageNet root (train/ and val/) or, with --data_set "
+                          "image_folder, a folder of class sub-folders")
+    check_run_args(args, weights_flags=("resume", "finetune"))
     if mixup_active(args) and args.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair each batch with its reverse, so --batch_size must be even, "
                           f"got {args.batch_size}")
     if args.eval and args.disable_eval:
         raise ConfigError("--eval true and --disable_eval true contradict each other")
-    for name in ("resume", "finetune"):
-        if getattr(args, name) and not Path(getattr(args, name)).exists():
-            raise ConfigError(f"--{name} {getattr(args, name)} does not exist")
-    if args.data_path is None:
-        raise ConfigError("--data_path is required: the ImageNet root (train/ and val/) or, with --data_set "
-                          "image_folder, a folder of class sub-folders")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; leave --device out to use the CPU")
 
 
 def mixup_active(args):
@@ -166,6 +161,12 @@ def data_folders(args):
     return (None if args.eval else root), (None if args.disable_eval else Path(args.eval_data_path))
 
 
+def check_class_count(root, classes, nb_classes):
+    if nb_classes != len(classes):
+        raise ConfigError(f"{root} has {len(classes)} class folders but --nb_classes is {nb_classes}; "
+                          f"pass --nb_classes {len(classes)}")
+
+
 def build_datasets(args):
     """(train dataset or None, eval dataset or None, class names), with their class indices agreeing."""
     train_root, eval_root = data_folders(args)
@@ -175,9 +176,7 @@ def build_datasets(args):
     if train_root is not None or (args.eval and args.data_set == "IMNET" and (Path(args.data_path) / "train").is_dir()):
         root = train_root or Path(args.data_path) / "train"
         files, labels, classes = class_folders(root, flag)
-        if args.nb_classes != len(classes):
-            raise ConfigError(f"{root} has {len(classes)} class folders but --nb_classes is {args.nb_classes}; "
-                              f"pass --nb_classes {len(classes)}")
+        check_class_count(root, classes, args.nb_classes)
         if train_root is not None:
             aa = None if args.aa is None or str(args.aa).lower() in ("none", "") else args.aa
             transform = finetune_transform(args.input_size, mean, std, aa, args.color_jitter,
@@ -189,9 +188,7 @@ def build_datasets(args):
         files, labels, eval_classes = class_folders(eval_root, flag)
         if classes is None:
             classes = eval_classes
-            if args.nb_classes != len(classes):
-                raise ConfigError(f"{eval_root} has {len(classes)} class folders but --nb_classes is "
-                                  f"{args.nb_classes}; pass --nb_classes {len(classes)}")
+            check_class_count(eval_root, classes, args.nb_classes)
         unknown = sorted(set(eval_classes) - set(classes))
         if unknown:
             raise ConfigError(f"{eval_root} has class folders the training data lacks: {', '.join(unknown[:5])}")
@@ -243,11 +240,65 @@ def evaluate_only(args, run, model, eval_set, load, parser):
     return stats
 
 
+def build_criterion(args):
+    """(Mixup/CutMix or None, loss): soft-target cross-entropy under mixup (its targets carry the
+    smoothing), else label smoothing, else plain cross-entropy."""
+    if mixup_active(args):
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        return mixup, SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, nn.CrossEntropyLoss()
+
+
+def build_optimizer(args, model, lr):
+    """timm's optimiser `--opt` over the layer-decayed parameter groups; ConfigError if timm refuses it."""
+    groups = param_groups(model, args.weight_decay, args.layer_decay, args.layer_decay_type)
+    extra = dict(eps=args.opt_eps, **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
+    try:
+        return create_optimizer_v2(groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                   momentum=args.momentum, **extra)
+    except (AssertionError, ValueError, TypeError) as err:
+        raise ConfigError(f"--opt {args.opt}: {err}") from None
+
+
+def evaluation_entries(run, model, ema, eval_set, with_ema):
+    """Top-1, top-5 and loss of the model (and of the EMA weights when asked), as log entries."""
+    stats = {f"test_{k}": v for k, v in evaluate(run, model, eval_set).items()}
+    if ema is not None and with_ema:
+        stats.update({f"test_{k}_ema": v for k, v in evaluate(run, ema.module, eval_set).items()})
+    return stats
+
+
+def keep_best(run, stats, weights, epoch, model_name):
+    """Update the best accuracies in the run's state (saved with its checkpoints) and write
+    model_best{,_ema}.safetensors when they improve; adds max_accuracy entries to `stats`.
+    `weights`: {"": model, "_ema": EMA model or None}."""
+    best = run.state.best
+    for suffix, module in weights.items():
+        acc1 = stats.get(f"test_acc1{suffix}")
+        if acc1 is None or module is None:
+            continue
+        if acc1 > best.get(f"acc1{suffix}", -math.inf):
+            best[f"acc1{suffix}"], best[f"epoch{suffix}"] = acc1, epoch
+            if run.out and run.args.save_ckpt and run.main_process:
+                save_weights(module.state_dict(), run.out / f"model_best{suffix}.safetensors",
+                             metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}"})
+        stats[f"max_accuracy{suffix}"] = best[f"acc1{suffix}"]
+
+
+def probe_note(args):
+    """What --linear_probe turned off, and what the command line kept."""
+    kept = [f"--{k} {getattr(args, k)}" for k, v in PROBE_DEFAULTS.items() if getattr(args, k) != v]
+    return ("; auto-augment, colour jitter, random erasing, mixup, cutmix, smoothing, drop path and layer decay "
+            "off" + (f" except what the command line set: {', '.join(kept)}" if kept else ""))
+
+
 def main(argv=None):
     parser = get_args_parser()
-    args = parse_with_config(parser, argv)
-    if args.linear_probe:
-        vars(args).update(PROBE_OVERRIDES)
+    args = parse_with_config(parser, argv, overrides=probe_defaults)
     try:
         check_args(args)
         train_set, eval_set, classes = build_datasets(args)
@@ -259,12 +310,10 @@ def main(argv=None):
     accelerator, say, out = run.accelerator, run.say, run.out
     if note:
         say(note)
-    steps_per_epoch = 1
-    if train_set is not None:
-        try:
-            steps_per_epoch = run.steps_per_epoch(len(train_set))
-        except ConfigError as err:
-            parser.error(str(err))
+    try:
+        steps_per_epoch = run.steps_per_epoch(len(train_set)) if train_set is not None else 1
+    except ConfigError as err:
+        parser.error(str(err))
     lr = run.peak_lr()
     warmup = args.warmup_steps / steps_per_epoch if args.warmup_steps > 0 else args.warmup_epochs
     schedule = Schedule(args.epochs, steps_per_epoch, lr, args.min_lr, warmup, args.max_steps)
@@ -291,13 +340,10 @@ def main(argv=None):
     ema = None
     if args.model_ema:
         ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
-    groups = param_groups(model, args.weight_decay, args.layer_decay, args.layer_decay_type)
-    optimizer_args = dict(eps=args.opt_eps, **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
     try:
-        optimizer = create_optimizer_v2(groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                        momentum=args.momentum, **optimizer_args)
-    except (AssertionError, ValueError, TypeError) as err:
-        parser.error(f"--opt {args.opt}: {err}")
+        optimizer = build_optimizer(args, model, lr)
+    except ConfigError as err:
+        parser.error(str(err))
     if args.compile:
         model.compile()  # after the EMA copy is made: the copy must not share the compiled call
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -309,30 +355,13 @@ def main(argv=None):
         run.restore(model, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
     except ConfigError as err:
         parser.error(str(err))
-
-    def evaluate_all():
-        """Top-1, top-5 and loss of the model (and of the EMA weights when asked), as log entries."""
-        stats = {f"test_{k}": v for k, v in evaluate(run, unwrapped, eval_set).items()}
-        if ema is not None and args.model_ema_eval:
-            stats.update({f"test_{k}_ema": v for k, v in evaluate(run, ema.module, eval_set).items()})
-        return stats
-
-    mixup = None
-    if mixup_active(args):
-        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                      label_smoothing=args.smoothing, num_classes=args.nb_classes)
-        criterion = SoftTargetCrossEntropy()  # smoothing is in mixup's soft targets
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = nn.CrossEntropyLoss()
+    mixup, criterion = build_criterion(args)
 
     what = "linear probe of" if args.linear_probe else "fine-tuning"
     say(f"{what} {args.model} ({n_parameters / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
         f"{len(classes)} classes from {args.data_path}, {args.input_size}px, on {run.world} x {accelerator.device} "
         f"({accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})"
-        + ("; augmentation, mixup, smoothing, drop path and layer decay off" if args.linear_probe else ""))
+        + (probe_note(args) if args.linear_probe else ""))
     run.describe_batch(lr, steps_per_epoch)
     run.open_logs()
 
@@ -342,7 +371,7 @@ def main(argv=None):
             unwrapped.eval()
             unwrapped.head.fc.train()
 
-    def micro_step(batch, offset):
+    def micro_step(batch):
         imgs, labels, n_skipped = batch
         imgs, labels = imgs.to(accelerator.device, non_blocking=True), labels.to(accelerator.device, non_blocking=True)
         if mixup is not None:
@@ -356,19 +385,9 @@ def main(argv=None):
     def end_epoch(epoch):
         if eval_set is None:
             return {}
-        stats = evaluate_all()
-        best = run.state.best
-        for suffix, weights in (("", unwrapped), ("_ema", ema.module if ema is not None else None)):
-            acc1 = stats.get(f"test_acc1{suffix}")
-            if acc1 is None:
-                continue
-            if acc1 > best.get(f"acc1{suffix}", -math.inf):
-                best[f"acc1{suffix}"], best[f"epoch{suffix}"] = acc1, epoch
-                if out and args.save_ckpt and run.main_process:
-                    save_weights(weights.state_dict(), out / f"model_best{suffix}.safetensors",
-                                 metadata={"model": args.model, "epoch": str(epoch), "acc1": f"{acc1:.4f}"})
-            stats[f"max_accuracy{suffix}"] = best[f"acc1{suffix}"]
-        say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {best['acc1']:.2f}%), top-5 "
+        stats = evaluation_entries(run, unwrapped, ema, eval_set, args.model_ema_eval)
+        keep_best(run, stats, {"": unwrapped, "_ema": ema.module if ema is not None else None}, epoch, args.model)
+        say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {run.state.best['acc1']:.2f}%), top-5 "
             f"{stats['test_acc5']:.2f}%, loss {stats['test_loss']:.4f}"
             + (f"; EMA top-1 {stats['test_acc1_ema']:.2f}%" if "test_acc1_ema" in stats else ""))
         if run.log_with:

@@ -16,11 +16,15 @@ from accelerate.utils import set_seed
 from torchvision.utils import save_image
 
 import fcmae
-from fcmae.config import ArgumentParser, ConfigError, parse_with_config, str2bool
-from fcmae.data import ImageFiles, find_images, normalization, pretrain_transform, sample_photographs, view_transform
-from fcmae.models import BACKEND_CHOICES, list_models, num_visible_patches, random_patch_mask
+from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
+from fcmae.data import (
+    ImageFiles, WithMasks, derive_seed, find_images, normalization, pretrain_transform, sample_photographs,
+    view_transform,
+)
+from fcmae.models import BACKEND_CHOICES, ENCODER_STRIDE, num_visible_patches, random_patch_mask
 from fcmae.optim import param_groups
-from fcmae.training.engine import Run, Schedule, add_run_arguments
+from fcmae.training.arguments import COUNT, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args
+from fcmae.training.engine import Run, Schedule
 from fcmae.visualize import reconstruction_grid
 from fcmae.weights import WeightsError, describe, export, load_into
 
@@ -30,47 +34,42 @@ DEMO_DEFAULTS = dict(
     model="convnextv2_atto", input_size=128, batch_size=16, epochs=25, warmup_epochs=1,
     blr=1.5e-2, num_workers=2, save_ckpt_freq=5, output_dir="output_dir/demo", repeats=16,
 )
+DESCRIPTION = f"""FCMAE pretraining of ConvNeXt V2 encoders (ConvNeXt V2 paper, arXiv:2301.00808).
+With --data_path, the defaults below are the official recipe's (main_pretrain.py). Without it, a
+demo runs on the photographs bundled with scikit-image, with these defaults instead (flags and
+--config still override them): {", ".join(f"{k} {v}" for k, v in DEMO_DEFAULTS.items())}."""
 
 
 def get_args_parser():
-    p = ArgumentParser("pretrain.py", description="FCMAE pretraining of ConvNeXt V2 encoders.")
-    p.add_argument("--config", default=None, help="YAML file whose keys are these argument names")
-    p.add_argument("--batch_size", default=64, type=int, help="batch size per process")
-    p.add_argument("--epochs", default=800, type=int)
-    p.add_argument("--warmup_epochs", default=40, type=int)
-    p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
-    p.add_argument("--max_steps", default=None, type=int,
-                   help="stop after this many optimiser steps (smoke runs); the schedule still "
-                        "follows --epochs")
-    # model
-    p.add_argument("--model", default="convnextv2_base", choices=list_models())
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="encoder implementation")
-    p.add_argument("--input_size", default=224, type=int)
-    p.add_argument("--in_chans", default=3, type=int, choices=[1, 3])
-    p.add_argument("--mask_ratio", default=0.6, type=float)
-    p.add_argument("--norm_pix_loss", default=True, type=str2bool, nargs="?", const=True,
-                   help="normalise target patches (default true; --norm_pix_loss false to turn off)")
-    p.add_argument("--no_norm_pix_loss", dest="norm_pix_loss", action="store_false")
-    p.add_argument("--decoder_depth", default=1, type=int)
-    p.add_argument("--decoder_embed_dim", default=512, type=int)
-    # optimiser
-    p.add_argument("--weight_decay", default=0.05, type=float)
-    p.add_argument("--lr", default=None, type=float, help="absolute lr (default: blr * batch / 256)")
-    p.add_argument("--blr", default=1.5e-4, type=float, help="base lr, scaled by effective batch / 256")
-    p.add_argument("--min_lr", default=0.0, type=float)
-    p.add_argument("--clip_grad", default=None, type=float, help="clip the gradient norm (off by default)")
-    # data and output
-    p.add_argument("--data_path", default=None,
-                   help="ImageNet root (with train/), or any folder of images; none: sample photographs")
-    p.add_argument("--repeats", default=1, type=int,
-                   help="count each image this many times per epoch (for very small data sets)")
-    p.add_argument("--resume", default="",
-                   help="checkpoint folder to resume from, or a weights file with its epoch (an official "
-                        "main_pretrain.py checkpoint: weights and epoch carry over, the optimiser starts afresh)")
-    p.add_argument("--init", default="", help="start from these weights (any layout fcmae.weights reads)")
-    p.add_argument("--vis_every", default=0, type=int,
-                   help="reconstruction picture every N optimiser steps too (0: only at epoch ends)")
-    add_run_arguments(p, output_dir="./output_dir")
+    p = ArgumentParser("pretrain.py", description=DESCRIPTION,
+                       usage="python pretrain.py [options]  (or accelerate launch pretrain.py [options])")
+    groups = argument_groups(p)
+    add_run_arguments(
+        p, groups, output_dir="./output_dir",
+        data_help="ImageNet root (with train/), or any folder of images, nested or flat; labels are not used "
+                  "(default: the demo on the bundled photographs)",
+        resume_help="checkpoint folder to resume from, or a weights file with its epoch (an official "
+                    "main_pretrain.py checkpoint: weights and epoch carry over, the optimiser starts afresh)")
+    p.set_defaults(epochs=800, warmup_epochs=40, blr=1.5e-4, min_lr=0.0)
+
+    g = groups["model"]
+    g.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="encoder implementation; all compute "
+                   "the same network, 'auto' the fastest installed")
+    g.add_argument("--mask_ratio", default=0.6, type=number(float, 0, 1, high_open=True),
+                   help="fraction of each image's 32x32 patches removed (int(L x (1 - ratio)) stay visible)")
+    g.add_argument("--norm_pix_loss", default=True, type=str2bool, nargs="?", const=True,
+                   help="normalise each target patch by its mean and standard deviation")
+    g.add_argument("--no_norm_pix_loss", dest="norm_pix_loss", action="store_false",
+                   help="the same as --norm_pix_loss false")
+    g.add_argument("--decoder_depth", default=1, type=COUNT, help="ConvNeXt V2 blocks in the decoder")
+    g.add_argument("--decoder_embed_dim", default=512, type=POSITIVE_INT, help="the decoder's width")
+    g.add_argument("--init", default="", help="start from these weights (any layout fcmae.weights reads)")
+
+    groups["data"].add_argument("--repeats", default=1, type=POSITIVE_INT,
+                                help="count each image this many times per epoch (for very small data sets)")
+    groups["checkpoints"].add_argument("--vis_every", default=0, type=COUNT,
+                                       help="a reconstruction picture every N optimiser steps too (0: only at "
+                                            "the end of each epoch)")
     return p
 
 
@@ -80,34 +79,21 @@ def demo_defaults(args):
 
 
 def check_args(args):
-    positive = ["batch_size", "epochs", "update_freq", "decoder_embed_dim", "save_ckpt_freq", "log_every",
-                "repeats"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["warmup_epochs", "decoder_depth", "num_workers", "save_ckpt_steps", "vis_every", "start_epoch"]:
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
-    if args.input_size % 32 or args.input_size < 32:
-        raise ConfigError(f"--input_size must be a multiple of 32 (the patch size), got {args.input_size}")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise ConfigError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max_steps must be at least 1, got {args.max_steps}")
-    for name in ("resume", "init"):
-        if getattr(args, name) and not Path(getattr(args, name)).exists():
-            raise ConfigError(f"--{name} {getattr(args, name)} does not exist")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; leave --device out to use the CPU")
+    """What the flags' own ranges cannot say."""
+    check_run_args(args, weights_flags=("resume", "init"))
+    if args.input_size % ENCODER_STRIDE:
+        raise ConfigError(f"--input_size must be a multiple of {ENCODER_STRIDE} (the patch size), got "
+                          f"{args.input_size}")
+    patches = (args.input_size // ENCODER_STRIDE) ** 2
+    if num_visible_patches(patches, args.mask_ratio) == 0:
+        raise ConfigError(f"--input_size {args.input_size} and --mask_ratio {args.mask_ratio} leave no patch visible "
+                          f"(int({patches} x {1 - args.mask_ratio:g}) = 0 of {patches}); use a larger --input_size or "
+                          "a lower --mask_ratio")
 
 
 # Depthwise-conv weight gradients come out of the channels-last convs with other (equivalent)
 # strides than the weights; DDP copies these small tensors into its buckets. Harmless, so quiet.
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-
-def mask_seed(seed, global_step):
-    return (seed * 1_000_003 + global_step) * 7_919 + 17
 
 
 def main(argv=None):
@@ -122,7 +108,9 @@ def main(argv=None):
 
     run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
     accelerator, say, out = run.accelerator, run.say, run.out
-    dataset = ImageFiles(files, transform, args.in_chans, seed=args.seed, repeats=args.repeats)
+    images = ImageFiles(files, transform, args.in_chans, seed=args.seed, repeats=args.repeats)
+    num_patches = (args.input_size // ENCODER_STRIDE) ** 2
+    dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
     try:
         steps_per_epoch = run.steps_per_epoch(len(dataset))
     except ConfigError as err:
@@ -132,7 +120,7 @@ def main(argv=None):
 
     set_seed(args.seed)  # the initial weights; data, crops and masks have seeds of their own
     model = fcmae.create_model(
-        args.model, backend=args.backend, img_size=args.input_size, mask_ratio=args.mask_ratio,
+        args.model, backend=args.backend, mask_ratio=args.mask_ratio,
         decoder_depth=args.decoder_depth, decoder_embed_dim=args.decoder_embed_dim,
         norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans,
     )
@@ -167,12 +155,11 @@ def main(argv=None):
     if out and run.main_process:
         (out / "reconstructions").mkdir(parents=True, exist_ok=True)
 
-    num_patches = (args.input_size // 32) ** 2
     # fixed images and masks for the reconstruction pictures
     view = view_transform(args.input_size, args.in_chans)
-    vis_imgs = torch.stack([view(dataset.load(i)[0]) for i in range(min(8, len(files)))])
+    vis_imgs = torch.stack([view(images.load(i)[0]) for i in range(min(8, len(files)))])
     vis_masks = random_patch_mask(len(vis_imgs), num_patches, args.mask_ratio,
-                                  generator=torch.Generator().manual_seed(args.seed))
+                                  generator=torch.Generator().manual_seed(derive_seed(args.seed, "pictures")))
     mean, std = normalization(args.in_chans)
 
     def save_picture(tag):
@@ -190,19 +177,13 @@ def main(argv=None):
             accelerator.get_tracker("tensorboard").log_images(
                 {"reconstruction": grid.unsqueeze(0).numpy()}, step=run.state.global_step)
 
-    step_masks = {}
     num_visible = num_visible_patches(num_patches, args.mask_ratio)  # in every mask: no check needs the device
 
-    def micro_step(batch, offset):
-        imgs, n_skipped = batch
-        step = run.state.global_step
-        if step not in step_masks:  # the masks of the whole global batch, a function of (seed, step)
-            step_masks.clear()
-            masks = random_patch_mask(run.eff_batch, num_patches, args.mask_ratio,
-                                      generator=torch.Generator().manual_seed(mask_seed(args.seed, step)))
-            step_masks[step] = masks.pin_memory() if accelerator.device.type == "cuda" else masks
-        mask = step_masks[step][offset:offset + args.batch_size].to(accelerator.device, non_blocking=True)
-        loss, _, _ = model(imgs.to(accelerator.device, non_blocking=True), mask, num_visible=num_visible)
+    def micro_step(batch):
+        imgs, n_skipped, mask = batch
+        device = accelerator.device
+        loss, _, _ = model(imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True),
+                           num_visible=num_visible)
         return loss, int(n_skipped.sum())
 
     def after_step():

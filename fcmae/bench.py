@@ -29,55 +29,53 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcmae.config import ArgumentParser, str2bool
+from fcmae.config import ArgumentParser, number, str2bool
 from fcmae.data import ImageFiles, StepBatchSampler, find_images, pretrain_transform
-from fcmae.models import BACKENDS, create_convnextv2, create_model, list_models
+from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models
 from fcmae.models.backends import minkowski
+from fcmae.training.arguments import COUNT, POSITIVE_INT
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser("python -m fcmae.bench", description=__doc__.split("\n")[0])
+    parser = ArgumentParser("python -m fcmae.bench", description=" ".join(__doc__.split("\n\n")[0].split()))
     installed = [b for b in BACKENDS if b != "minkowski" or minkowski.is_available()] + ["timm"]
-    parser.add_argument("--model", nargs="+", default=["convnextv2_atto"], choices=list_models(),
-                        help="one or more ConvNeXt V2 sizes")
-    parser.add_argument("--rows", nargs="+", default=installed, choices=[*BACKENDS, "timm"],
-                        help=f"FCMAE backends and the timm reference (default: {' '.join(installed)})")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--input_size", type=int, nargs="+", default=[224], metavar="PX",
+    parser.add_argument("--model", nargs="+", default=["convnextv2_atto"], choices=list_models(), metavar="NAME",
+                        help=f"one or more ConvNeXt V2 sizes: {', '.join(list_models())}")
+    parser.add_argument("--rows", nargs="+", default=installed, choices=[*BACKENDS, "timm"], metavar="ROW",
+                        help=f"FCMAE backends and the timm reference: {', '.join([*BACKENDS, 'timm'])} (default: the "
+                             "installed ones)")
+    parser.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="images per step")
+    parser.add_argument("--input_size", type=number(int, 32), nargs="+", default=[224], metavar="PX",
                         help="one value for square images, or height and width")
-    parser.add_argument("--mask_ratio", type=float, default=0.6)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS))
+    parser.add_argument("--mask_ratio", type=number(float, 0, 1, high_open=True), default=0.6,
+                        help="fraction of the patches removed")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                        help="where to run the rows")
+    parser.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast precision")
     parser.add_argument("--compile", default=False, type=str2bool,
                         help="torch.compile each row (FCMAE: fullgraph; compile time reported apart)")
     parser.add_argument("--channels_last", default=False, type=str2bool,
                         help="channels-last weights and inputs for the dense and timm rows (the sparse "
                              "backend works channels-last inside either way)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--rounds", type=int, default=1,
+    parser.add_argument("--steps", type=POSITIVE_INT, default=10, help="timed steps per round")
+    parser.add_argument("--warmup", type=COUNT, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--rounds", type=POSITIVE_INT, default=1,
                         help="run the rows this many times in turn and keep the median (evens out machine drift)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the records to FILE")
     # the input pipeline
     parser.add_argument("--data", default=None, metavar="PATH",
                         help="measure the input pipeline on this image folder instead of training steps")
-    parser.add_argument("--num_workers", type=int, nargs="+", default=[0, 2],
+    parser.add_argument("--num_workers", type=COUNT, nargs="+", default=[0, 2],
                         help="with --data: the DataLoader worker counts to measure")
-    parser.add_argument("--batches", type=int, default=20, help="with --data: timed batches per worker count")
+    parser.add_argument("--batches", type=POSITIVE_INT, default=20, help="with --data: timed batches per worker count")
     args = parser.parse_args(argv)
     if len(args.input_size) not in (1, 2):
         parser.error("--input_size takes one value (square) or two (height width)")
-    if any(s < 32 or s % 32 for s in args.input_size):
-        parser.error(f"--input_size must be a multiple of 32 (the patch size), got {args.input_size}")
-    if args.batch_size < 1 or args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.batches < 1:
-        parser.error("--batch_size, --steps, --rounds and --batches must be at least 1, --warmup at least 0")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        parser.error(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
-    if min(args.num_workers) < 0:
-        parser.error("--num_workers must be 0 or more")
+    if any(s % ENCODER_STRIDE for s in args.input_size):
+        parser.error(f"--input_size must be a multiple of {ENCODER_STRIDE} (the patch size), got {args.input_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     if args.data is not None and not Path(args.data).is_dir():
@@ -107,7 +105,7 @@ def build_step(args, model_name, row, device):
         def forward():
             return F.cross_entropy(model(imgs), labels)
     else:
-        model = create_model(model_name, backend=row, img_size=(height, width), mask_ratio=args.mask_ratio).to(device)
+        model = create_model(model_name, backend=row, mask_ratio=args.mask_ratio).to(device)
         mask = model.random_mask(imgs.cpu(), generator=gen).to(device)
         num_visible = model.num_visible(imgs)
 

@@ -5,6 +5,7 @@ given with `--config` holds the same names as keys; flags on the command line ov
 Every bad value stops the script with one sentence naming the problem, never a traceback.
 """
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -15,11 +16,59 @@ class ConfigError(Exception):
     """A bad setting: the message is one sentence a user can act on."""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help line ends with its default (when it has one)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, argparse.SUPPRESS, "") and action.nargs != 0  # not for plain switches
+        if shown and action.option_strings and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that prints only `prog: error: message` (no usage dump) and exits 2."""
+    """argparse that prints only `prog: error: message` (no usage dump) and exits 2, and whose
+    help shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
+        # "argument --lr: must be above 0, got -1" reads better as "--lr must be above 0, got -1"
+        message = re.sub(r"^argument (--\w+): (must be|expected) ", r"\1 \2 ", message)
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for an int or float within bounds: the one place a flag's range is
+    checked, for the command line and config files alike. A value out of range is one sentence:
+    "argument --lr: must be above 0, got -1"."""
+    if low is not None and high is not None:
+        bounds = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        bounds = (f"above {low:g}" if low_open else
+                  f"at least {low:g}" if low > 0 else f"{low:g} or more")
+    else:
+        bounds = f"below {high:g}" if high_open else f"at most {high:g}"
+
+    def parse(value):
+        try:
+            if kind is int and (isinstance(value, float) and not value.is_integer() or isinstance(value, bool)):
+                raise ValueError
+            result = kind(value)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {value!r}") from None
+        too_low = low is not None and (result <= low if low_open else result < low)
+        too_high = high is not None and (result >= high if high_open else result > high)
+        if too_low or too_high or result != result:  # NaN is never in range
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return result
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def str2bool(value):
@@ -67,10 +116,11 @@ def load_yaml_config(path, parser):
     return checked
 
 
-def parse_with_config(parser, argv=None, extra_defaults=None):
-    """Parse `argv` with defaults from `--config FILE` (and `extra_defaults(partial)` beneath it).
+def parse_with_config(parser, argv=None, extra_defaults=None, overrides=None):
+    """Parse `argv` with defaults from `--config FILE`, `extra_defaults(partial)` beneath it and
+    `overrides(partial)` above it (each a function of the partly parsed arguments).
 
-    Precedence: command line > config file > extra defaults > the parser's defaults.
+    Precedence: command line > overrides > config file > extra defaults > the parser's defaults.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     partial, _ = parser.parse_known_args(argv)
@@ -85,4 +135,6 @@ def parse_with_config(parser, argv=None, extra_defaults=None):
         # what the command line says still wins over extra defaults
         parser.set_defaults(**extra_defaults(merged))
     parser.set_defaults(**file_values)
+    if overrides is not None:
+        parser.set_defaults(**overrides(argparse.Namespace(**{**vars(partial), **file_values})))
     return parser.parse_args(argv)

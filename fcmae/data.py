@@ -1,6 +1,6 @@
 """Images for pretraining and fine-tuning: folders of files (with labels from class folders),
 the bundled sample photographs, augmentation, and a sampler that makes every batch, crop and
-mask a function of (seed, epoch, position).
+mask a function of (seed, epoch, position), through one seed derivation, `derive_seed`.
 
 Because nothing depends on the order workers run in, on the number of processes or on where
 a run was interrupted, a resumed run sees exactly the batches the uninterrupted run saw.
@@ -19,6 +19,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from fcmae.config import ConfigError
+from fcmae.models import random_patch_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,9 +101,17 @@ def view_transform(input_size, in_chans=3):
     ])
 
 
-def sample_seed(seed, epoch, index):
-    """A seed for one sample's augmentation, different for every (seed, epoch, index)."""
-    return (seed * 1_000_003 + epoch) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF_FFFF
+# The streams of random numbers a run draws; each is seeded by derive_seed(seed, stream, keys...).
+STREAMS = {"order": 1, "sample": 2, "mask": 3, "step": 4, "pictures": 5}
+
+
+def derive_seed(seed, stream, *keys):
+    """A 63-bit seed for one use of `stream` ("order": an epoch's data order; "sample": one
+    sample's augmentation; "mask": one sample's patch mask; "step": the global generators of an
+    optimiser step; "pictures": the fixed reconstruction pictures), different for every (seed,
+    keys) and the same on every machine: numpy's SeedSequence hashes them (non-negative ints)."""
+    words = np.random.SeedSequence([seed, STREAMS[stream], *keys]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) | (int(words[1]) >> 1)
 
 
 @contextlib.contextmanager
@@ -113,7 +122,7 @@ def seeded(seed):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         random.seed(seed)
-        np.random.seed(seed & 0xFFFF_FFFF)
+        np.random.seed(seed & 0xFFFF_FFFF)  # numpy takes 32 bits
         try:
             yield
         finally:
@@ -122,7 +131,7 @@ def seeded(seed):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Image files as augmented tensors; items are looked up by (index, epoch).
+    """Image files as augmented tensors; items are looked up by (index, epoch[, position]).
 
     The augmentation of item (index, epoch) is seeded from (seed, epoch, index). An unreadable
     file is skipped with a warning naming it, and the next readable file stands in; each item
@@ -151,9 +160,9 @@ class ImageFiles(torch.utils.data.Dataset):
         raise RuntimeError("none of the image files could be read")
 
     def __getitem__(self, key):
-        index, epoch = key
+        index, epoch = key[:2]
         img, skipped = self.load(index % len(self.files))
-        with seeded(sample_seed(self.seed, epoch, index)):
+        with seeded(derive_seed(self.seed, "sample", epoch, index)):
             return self.transform(img), skipped
 
 
@@ -166,9 +175,9 @@ class LabelledImages(ImageFiles):
         self.labels = list(labels)
 
     def __getitem__(self, key):
-        index, epoch = key
+        index, epoch = key[:2]
         img, skipped = self.load(index)
-        with seeded(sample_seed(self.seed, epoch, index)):
+        with seeded(derive_seed(self.seed, "sample", epoch, index)):
             return self.transform(img), self.labels[(index + skipped) % len(self.files)], skipped
 
 
@@ -216,7 +225,8 @@ def eval_transform(input_size, mean, std, crop_pct=None):
 
 
 class StepBatchSampler(torch.utils.data.Sampler):
-    """Micro-batches of (index, epoch) keys for one process, from optimiser step `start_step` on.
+    """Micro-batches of (index, epoch, position) keys for one process, from optimiser step
+    `start_step` on; position is the sample's place in the epoch's order.
 
     Each epoch draws one permutation from (seed, epoch). Optimiser step t of the epoch uses
     positions [t * G, (t + 1) * G) of it, G = batch_size * update_freq * num_processes;
@@ -253,7 +263,24 @@ class StepBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         epoch, start_step = self.epoch, self.start_step  # as set when this pass began
         order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(
-            self.seed * 1_000_003 + epoch)).tolist()
+            derive_seed(self.seed, "order", epoch))).tolist()
         for step in range(start_step, self.steps):
             for micro in range(self.update_freq):
-                yield [(order[p], epoch) for p in self.positions(step, micro)]
+                yield [(order[p], epoch, p) for p in self.positions(step, micro)]
+
+
+class WithMasks(torch.utils.data.Dataset):
+    """A dataset's items, each with a random patch mask (L,) drawn from (seed, epoch, position):
+    a sample at a given place of an epoch gets the same mask on any number of processes, with any
+    accumulation, before and after a resume. Masks are drawn in the loader's workers."""
+
+    def __init__(self, dataset, num_patches, mask_ratio, seed):
+        self.dataset, self.num_patches, self.mask_ratio, self.seed = dataset, num_patches, mask_ratio, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        _, epoch, position = key
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", epoch, position))
+        return (*self.dataset[key], random_patch_mask(1, self.num_patches, self.mask_ratio, generator=generator)[0])

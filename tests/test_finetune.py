@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from timm.optim import create_optimizer_v2
 
 import fcmae
-from fcmae import weights
+from fcmae import layouts, weights
 from fcmae.optim import param_groups
 from fcmae.training.evaluate import shard
 from test_pretrain import env, make_images
@@ -204,8 +204,8 @@ def test_a_fine_tuned_head_loads_when_it_fits_and_is_replaced_when_not(tmp_path)
     for layout, path in (("timm", tmp_path / "tuned.pth"), ("official", tmp_path / "official_ft.pth")):
         state = tuned.state_dict()
         if layout == "official":  # the dense official layout with its head
-            official = {theirs: weights.layouts.to_theirs(state[ours.removeprefix("encoder.")], kind)
-                        for ours, theirs, kind in weights._rows(weights.Architecture("convnextv2_atto", 3),
+            official = {theirs: layouts.to_theirs(state[ours.removeprefix("encoder.")], kind)
+                        for ours, theirs, kind in weights.layout_rows(weights.Architecture("convnextv2_atto", 3),
                                                                 "official")}
             official.update({"norm.weight": state["head.norm.weight"], "norm.bias": state["head.norm.bias"],
                              "head.weight": state["head.fc.weight"], "head.bias": state["head.fc.bias"]})

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fcmae.weights.layouts import to_ours
+from fcmae.layouts import to_ours
 from conftest import MINKOWSKI, rel_err
 
 pytestmark = [

@@ -173,7 +173,7 @@ def test_two_processes_match_one_and_accumulation(images, tmp_path):
             torch.testing.assert_close(other[key], one[key], rtol=1e-4, atol=1e-6, msg=key)
     # and training moved the weights far more than that tolerance
     torch.manual_seed(0)
-    start = fcmae.create_model("convnextv2_atto", img_size=64, decoder_embed_dim=64).state_dict()
+    start = fcmae.create_model("convnextv2_atto", decoder_embed_dim=64).state_dict()
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 3e-3
 
 
@@ -261,7 +261,7 @@ def test_configs_parse_and_build_their_models(config):
     assert args.batch_size * args.update_freq * 8 == 4096  # one 8-GPU node, as documented
     assert (args.blr, args.epochs, args.warmup_epochs, args.mask_ratio) == (1.5e-4, 1600, 40, 0.6)
     with torch.device("meta"):
-        model = fcmae.create_model(args.model, img_size=args.input_size, mask_ratio=args.mask_ratio,
+        model = fcmae.create_model(args.model, mask_ratio=args.mask_ratio,
                                    decoder_depth=args.decoder_depth, decoder_embed_dim=args.decoder_embed_dim)
     assert model.encoder.name == args.model
 
@@ -347,7 +347,7 @@ def test_compiled_pretraining_matches_eager(images, tmp_path):
     assert "torch.compile" in result.stdout
     eager, compiled = final_params(tmp_path / "eager"), final_params(tmp_path / "compiled")
     moved = 0.0
-    start = fcmae.create_model("convnextv2_atto", img_size=64, decoder_embed_dim=64)
+    start = fcmae.create_model("convnextv2_atto", decoder_embed_dim=64)
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5, msg=key)
         if key in start.state_dict():

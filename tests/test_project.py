@@ -29,10 +29,31 @@ def readme_command(marker):
 
 
 def test_ci_runs_exactly_the_readme_test_command():
-    command = readme_command("Run the tests")
+    command = readme_command("The whole suite, as CI runs it")
     assert "pytest" in command and "pip install" in command
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert command in ci_lines
+    quick = readme_command("The quick suite")
+    assert quick.endswith('pytest -m "not slow"') and "install_minkowski" not in quick
+
+
+def test_readme_python_snippets_run(tmp_path):
+    """Every ```python block of the README runs as written, in a folder holding the files it names."""
+    import fcmae
+    from safetensors.torch import save_file
+    from fcmae import weights
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 2
+    torch_model = fcmae.create_model("convnextv2_atto")
+    weights.export(torch_model, "official", tmp_path / "convnextv2_atto_1k_224_fcmae.pt")
+    checkpoint = tmp_path / "output_dir" / "demo" / "checkpoints" / "checkpoint-00000500"
+    checkpoint.mkdir(parents=True)
+    save_file(torch_model.state_dict(), str(checkpoint / "model.safetensors"))
+    for block in blocks:
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, f"README snippet failed:\n{block}\n{result.stderr[-2000:]}"
 
 
 def test_readme_main_command_runs_the_demo():
@@ -121,3 +142,10 @@ def test_gpu_benchmark_script_runs_its_smoke_plan_on_cpu(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "## Training step" in text and "## Input pipeline" in text and "## pretrain.py" in text
     assert (tmp_path / "summary.json").stat().st_size + len(text) < 1_000_000
+
+
+def test_the_models_never_import_the_weights_package():
+    """Layers import downward only: fcmae.weights reads the models, never the other way round."""
+    for path in (ROOT / "fcmae" / "models").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(from|import) fcmae\.weights", text, re.M), path

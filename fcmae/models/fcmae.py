@@ -38,12 +38,13 @@ class FCMAE(nn.Module):
     """
 
     def __init__(
-        self, model_name, backend="auto", img_size=224, patch_size=32, mask_ratio=0.6,
-        decoder_depth=1, decoder_embed_dim=512, norm_pix_loss=True, in_chans=3,
+        self, model_name, backend="auto", mask_ratio=0.6, decoder_depth=1, decoder_embed_dim=512,
+        norm_pix_loss=True, in_chans=3,
     ):
         super().__init__()
-        self.img_size = img_size
-        self.patch_size = patch_size
+        # fully convolutional: any image whose sides are multiples of the patch, which must equal
+        # the encoder's total stride (one latent position predicts one patch)
+        self.patch_size = ENCODER_STRIDE
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
@@ -55,7 +56,7 @@ class FCMAE(nn.Module):
             ConvNeXtBlock(decoder_embed_dim, use_grn=True, ls_init_value=None, conv_mlp=False)
             for _ in range(decoder_depth)
         ])
-        self.pred = nn.Conv2d(decoder_embed_dim, patch_size * patch_size * in_chans, kernel_size=1)
+        self.pred = nn.Conv2d(decoder_embed_dim, self.patch_size ** 2 * in_chans, kernel_size=1)
         self._init_decoder()
 
     def _init_decoder(self):
@@ -225,22 +226,13 @@ class FCMAE(nn.Module):
 
 
 def create_model(
-    name, backend="auto", img_size=224, patch_size=32, mask_ratio=0.6, decoder_depth=1,
-    decoder_embed_dim=512, norm_pix_loss=True, in_chans=3,
+    name, backend="auto", mask_ratio=0.6, decoder_depth=1, decoder_embed_dim=512, norm_pix_loss=True, in_chans=3,
 ):
-    """An FCMAE model around the ConvNeXt V2 encoder `name` (see `fcmae.list_models()`)."""
+    """An FCMAE model around the ConvNeXt V2 encoder `name` (see `fcmae.list_models()`). It takes
+    images of any height and width that are multiples of 32, the patch size."""
     check_model_name(name)
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKEND_CHOICES)}")
-    if patch_size != ENCODER_STRIDE:
-        raise ValueError(
-            f"patch_size must be {ENCODER_STRIDE}, the encoder's total stride (got {patch_size})"
-        )
-    sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if len(sizes) != 2 or any(not isinstance(s, int) or s <= 0 or s % patch_size for s in sizes):
-        raise ValueError(
-            f"img_size must be a positive multiple of {patch_size} (or a pair of them), got {img_size!r}"
-        )
     if not (isinstance(mask_ratio, (int, float)) and 0.0 <= mask_ratio < 1.0):
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
     if not (isinstance(decoder_depth, int) and decoder_depth >= 0):
@@ -250,7 +242,6 @@ def create_model(
     if not (isinstance(in_chans, int) and in_chans > 0):
         raise ValueError(f"in_chans must be a positive whole number, got {in_chans!r}")
     return FCMAE(
-        name, backend=backend, img_size=sizes, patch_size=patch_size, mask_ratio=float(mask_ratio),
-        decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
-        norm_pix_loss=bool(norm_pix_loss), in_chans=in_chans,
+        name, backend=backend, mask_ratio=float(mask_ratio), decoder_depth=decoder_depth,
+        decoder_embed_dim=decoder_embed_dim, norm_pix_loss=bool(norm_pix_loss), in_chans=in_chans,
     )

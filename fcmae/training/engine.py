@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
-from fcmae.config import ConfigError, str2bool
-from fcmae.data import StepBatchSampler
+from fcmae.config import ConfigError
+from fcmae.data import StepBatchSampler, derive_seed
 from fcmae.optim import cosine_lr, set_lr
 from fcmae.training.checkpoint import TrainState, check_fits, latest_checkpoint, save_checkpoint
 
@@ -49,36 +49,11 @@ class Schedule:
         return cosine_lr(global_step / self.steps_per_epoch, self.lr, self.min_lr, self.epochs, self.warmup_epochs)
 
 
-def add_run_arguments(parser, output_dir):
-    """The flags `Run` reads, with the official scripts' names and defaults (output_dir: ours)."""
-    p = parser
-    p.add_argument("--output_dir", default=output_dir, help="checkpoints, logs and results; '' saves nothing")
-    p.add_argument("--log_dir", default=None, help="TensorBoard / tracker folder (default: output_dir)")
-    p.add_argument("--log_with", default="tensorboard", choices=["tensorboard", "wandb", "none"])
-    p.add_argument("--log_every", default=20, type=int, help="tracker scalars every N optimiser steps")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"],
-                   help="force a device (default: what accelerate chooses)")
-    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="default: what `accelerate config` / `accelerate launch` set")
-    p.add_argument("--compile", default=False, type=str2bool,
-                   help="torch.compile the model (the first steps take longer while it compiles)")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--auto_resume", default=True, type=str2bool,
-                   help="continue from the newest checkpoint in output_dir")
-    p.add_argument("--save_ckpt", default=True, type=str2bool)
-    p.add_argument("--save_ckpt_freq", default=1, type=int, help="checkpoint every N epochs")
-    p.add_argument("--save_ckpt_steps", default=0, type=int, help="also every N optimiser steps (0: off)")
-    p.add_argument("--save_ckpt_num", default=3, type=int, help="keep the newest N checkpoints")
-    p.add_argument("--start_epoch", default=0, type=int)
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", default=True, type=str2bool)
-
-
 def seed_step(seed, global_step, rank):
     """Seed torch, numpy and Python's generators for one optimiser step of one process."""
-    value = ((seed * 1_000_003 + global_step) * 7_919 + rank) & 0xFFFF_FFFF
+    value = derive_seed(seed, "step", global_step, rank)
     torch.manual_seed(value)
-    np.random.seed(value)
+    np.random.seed(value & 0xFFFF_FFFF)  # numpy takes 32 bits
     random.seed(value)
 
 
@@ -204,11 +179,11 @@ class Run:
             after_step=None, end_epoch=None):
         """Train from where `self.state` stands to `schedule.last_step`.
 
-        micro_step(batch, offset) -> (loss, files skipped) runs the forward pass of one
-        micro-batch (`offset`: where it starts in the step's global batch); the backward pass,
-        accumulation, clipping and the optimiser step happen here. after_step() runs after every
-        optimiser step, end_epoch(epoch) after every complete epoch and returns entries for its
-        log line. train_mode() puts the model in training mode (default model.train()).
+        micro_step(batch) -> (loss, files skipped) runs the forward pass of one micro-batch; the
+        backward pass, accumulation, clipping and the optimiser step happen here. after_step()
+        runs after every optimiser step, end_epoch(epoch) after every complete epoch and returns
+        entries for its log line. train_mode() puts the model in training mode (default
+        model.train()).
 
         The host reads the losses back only every --log_every steps, before a checkpoint and at
         the end of an epoch, so the device is never waited for in between; a non-finite loss
@@ -238,7 +213,7 @@ class Run:
                     sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
                     with contextlib.nullcontext() if sync else acc.no_sync(model):
                         with acc.autocast():
-                            loss, n_skipped = micro_step(batch, sampler.offset_in_step(micro))
+                            loss, n_skipped = micro_step(batch)
                         acc.backward(loss / args.update_freq)
                     loss = loss.detach().float() / args.update_freq
                     step_loss = loss if step_loss is None else step_loss + loss

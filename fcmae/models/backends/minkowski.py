@@ -12,6 +12,7 @@ import warnings
 
 import torch
 
+from fcmae.layouts import to_theirs
 from fcmae.models.backends.common import (
     ENCODER_STRIDE, block_pointwise, grn_by_sample, layer_norm, patch_visibility, upsample_visibility,
 )
@@ -66,7 +67,6 @@ def _conv(encoder, module_kind, conv, x, me_kind):
     """Apply our dense conv `conv` to the sparse tensor `x` with MinkowskiEngine; half-precision
     features go in as float32, since its kernels have none (under autocast the rest of the block
     still runs in half precision)."""
-    from fcmae.weights.layouts import to_theirs  # here: fcmae.weights imports the models
     me = import_minkowski()
     if x.F.dtype in (torch.float16, torch.bfloat16):
         x = me.SparseTensor(x.F.float(), coordinate_map_key=x.coordinate_map_key,

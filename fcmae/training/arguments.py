@@ -1,0 +1,103 @@
+"""The flags pretrain.py and finetune.py share, declared once, in the help's groups.
+
+Names and defaults follow the official scripts; each script sets the defaults that differ
+(epochs, blr, ...) with `parser.set_defaults`. Every numeric flag carries its range in its type
+(`fcmae.config.number`), so a value out of range, on the command line or in a config file,
+stops the script with one sentence before anything runs.
+"""
+from pathlib import Path
+
+import torch
+
+from fcmae.config import ConfigError, number, str2bool
+from fcmae.models import list_models
+
+# (key, title) of the help's groups, in order
+GROUPS = (
+    ("model", "model"),
+    ("optimisation", "optimisation"),
+    ("data", "data"),
+    ("checkpoints", "checkpoints and logs"),
+    ("devices", "devices and precision"),
+)
+
+POSITIVE_INT = number(int, 1)
+COUNT = number(int, 0)
+POSITIVE = number(float, 0, low_open=True)
+NON_NEGATIVE = number(float, 0)
+
+
+def argument_groups(parser):
+    """The help's groups of `parser`, by key (see GROUPS)."""
+    return {key: parser.add_argument_group(title) for key, title in GROUPS}
+
+
+def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
+    """The shared flags: `parser` gets --config and --seed, `groups` (from argument_groups) the rest."""
+    parser.add_argument("--config", default=None, help="YAML file whose keys are these flags' names; flags on the "
+                        "command line override it")
+    parser.add_argument("--seed", default=0, type=COUNT, help="seeds the initial weights, the data order, the "
+                        "crops, pretraining's masks and every step's randomness")
+
+    g = groups["model"]
+    g.add_argument("--model", default="convnextv2_base", choices=list_models(), metavar="NAME",
+                   help=f"ConvNeXt V2 size: {', '.join(list_models())}")
+    g.add_argument("--input_size", default=224, type=number(int, 32), help="image side in pixels")
+    g.add_argument("--in_chans", default=3, type=int, choices=[1, 3], help="3 for RGB images, 1 for greyscale")
+
+    g = groups["optimisation"]
+    g.add_argument("--batch_size", default=64, type=POSITIVE_INT, help="images per process and micro-step")
+    g.add_argument("--update_freq", default=1, type=POSITIVE_INT,
+                   help="gradient accumulation: micro-steps per optimiser step")
+    g.add_argument("--epochs", default=100, type=POSITIVE_INT, help="length of the schedule")
+    g.add_argument("--max_steps", default=None, type=POSITIVE_INT,
+                   help="stop after this many optimiser steps (smoke runs); the schedule still follows --epochs")
+    g.add_argument("--blr", default=1e-3, type=NON_NEGATIVE,
+                   help="base learning rate: lr = blr x effective batch / 256, effective batch = batch_size x "
+                        "update_freq x processes")
+    g.add_argument("--lr", default=None, type=NON_NEGATIVE,
+                   help="absolute learning rate; overrides --blr (default: blr x effective batch / 256)")
+    g.add_argument("--min_lr", default=0.0, type=NON_NEGATIVE, help="learning rate at the end of the cosine")
+    g.add_argument("--warmup_epochs", default=0, type=COUNT, help="epochs of linear learning-rate warm-up")
+    g.add_argument("--weight_decay", default=0.05, type=NON_NEGATIVE,
+                   help="AdamW weight decay (never on biases, norms, GRN and the mask token)")
+    g.add_argument("--clip_grad", default=None, type=POSITIVE, help="clip the gradient norm to this (off by default)")
+
+    g = groups["data"]
+    g.add_argument("--data_path", default=None, help=data_help)
+    g.add_argument("--num_workers", default=10, type=COUNT, help="DataLoader worker processes per process "
+                   "(size them with python -m fcmae.bench --data PATH)")
+    g.add_argument("--pin_mem", default=True, type=str2bool, help="pinned host memory for faster copies to the GPU")
+
+    g = groups["checkpoints"]
+    g.add_argument("--output_dir", default=output_dir, help="checkpoints, logs and results; '' saves nothing")
+    g.add_argument("--resume", default="", help=resume_help)
+    g.add_argument("--auto_resume", default=True, type=str2bool, help="continue from the newest checkpoint in "
+                   "output_dir")
+    g.add_argument("--save_ckpt", default=True, type=str2bool, help="write checkpoints")
+    g.add_argument("--save_ckpt_freq", default=1, type=POSITIVE_INT, help="a checkpoint every N epochs")
+    g.add_argument("--save_ckpt_steps", default=0, type=COUNT, help="also every N optimiser steps (0: off)")
+    g.add_argument("--save_ckpt_num", default=3, type=int, help="keep the newest N checkpoints (0: all)")
+    g.add_argument("--start_epoch", default=0, type=COUNT, help="epoch to start at when not resuming")
+    g.add_argument("--log_dir", default=None, help="TensorBoard / tracker folder (default: output_dir)")
+    g.add_argument("--log_with", default="tensorboard", choices=["tensorboard", "wandb", "none"],
+                   help="where scalars go besides log.txt")
+    g.add_argument("--log_every", default=20, type=POSITIVE_INT,
+                   help="read the loss back and log scalars every N optimiser steps")
+
+    g = groups["devices"]
+    g.add_argument("--device", default=None, choices=["cpu", "cuda"],
+                   help="force a device (default: what accelerate chooses)")
+    g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
+                   help="default: what `accelerate config` / `accelerate launch` set")
+    g.add_argument("--compile", default=False, type=str2bool,
+                   help="torch.compile the model (the first steps take longer while it compiles)")
+
+
+def check_run_args(args, weights_flags=("resume",)):
+    """The checks both scripts need beyond each flag's range: files that must exist, the device."""
+    for name in weights_flags:
+        if getattr(args, name) and not Path(getattr(args, name)).exists():
+            raise ConfigError(f"--{name} {getattr(args, name)} does not exist")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU; leave --device out to use the CPU")
