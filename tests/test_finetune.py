@@ -3,7 +3,6 @@ the dense classifier, linear probing, exact evaluation and exact resume."""
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import fcmae
 from fcmae import layouts, weights
 from fcmae.optim import param_groups
 from fcmae.training.evaluate import shard
-from test_pretrain import env, make_images
+from test_pretrain import make_images, run_script
 from test_weights import minkowski_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,12 +70,8 @@ def encoder_file(tmp_path_factory):
     return path
 
 
-def run_finetune(*args, launcher=None, expect=0, timeout=600):
-    command = (launcher or [sys.executable]) + [str(ROOT / "finetune.py"), *map(str, args)]
-    result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == expect, f"finetune exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
-                                        f"{result.stderr[-3000:]}"
-    return result
+def run_finetune(*args, **kwargs):
+    return run_script("finetune.py", *args, **kwargs)
 
 
 def log_lines(out):

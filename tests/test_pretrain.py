@@ -56,12 +56,17 @@ def env():
             "OMP_NUM_THREADS": "1"}
 
 
-def run_pretrain(*args, launcher=None, timeout=600, expect=0):
-    command = (launcher or [sys.executable]) + [str(ROOT / "pretrain.py"), *map(str, args)]
+def run_script(script, *args, launcher=None, timeout=600, expect=0):
+    """Run one of the project's scripts as a user would; its exit code must be `expect`."""
+    command = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
     result = subprocess.run(command, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == expect, f"pretrain exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+    assert result.returncode == expect, f"{script} exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
                                         f"{result.stderr[-3000:]}"
     return result
+
+
+def run_pretrain(*args, **kwargs):
+    return run_script("pretrain.py", *args, **kwargs)
 
 
 def final_params(out):
