@@ -47,7 +47,7 @@ def parse_args(argv=None):
                         help=f"FCMAE backends and the timm reference: {', '.join([*BACKENDS, 'timm'])} (default: the "
                              "installed ones)")
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="images per step")
-    parser.add_argument("--input_size", type=number(int, 32), nargs="+", default=[224], metavar="PX",
+    parser.add_argument("--input_size", type=number(int, ENCODER_STRIDE), nargs="+", default=[224], metavar="PX",
                         help="one value for square images, or height and width")
     parser.add_argument("--mask_ratio", type=number(float, 0, 1, high_open=True), default=0.6,
                         help="fraction of the patches removed")

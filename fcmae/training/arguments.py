@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fcmae.config import ConfigError, number, str2bool
-from fcmae.models import list_models
+from fcmae.models import ENCODER_STRIDE, list_models
 
 # (key, title) of the help's groups, in order
 GROUPS = (
@@ -42,7 +42,7 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
     g = groups["model"]
     g.add_argument("--model", default="convnextv2_base", choices=list_models(), metavar="NAME",
                    help=f"ConvNeXt V2 size: {', '.join(list_models())}")
-    g.add_argument("--input_size", default=224, type=number(int, 32), help="image side in pixels")
+    g.add_argument("--input_size", default=224, type=number(int, ENCODER_STRIDE), help="image side in pixels")
     g.add_argument("--in_chans", default=3, type=int, choices=[1, 3], help="3 for RGB images, 1 for greyscale")
 
     g = groups["optimisation"]
