@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
-from fcmae.data import LabelledImages, class_folders, eval_transform, finetune_transform, mean_std
+from fcmae.data import eval_transform, finetune_transform, mean_std, open_labelled
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import param_groups
 from fcmae.training.checkpoint import latest_checkpoint
@@ -145,57 +145,59 @@ def mixup_active(args):
 
 
 def data_folders(args):
-    """(training folder or None, evaluation folder or None) for --data_set."""
-    root = Path(args.data_path)
+    """(training folder or None, evaluation folder or None) for --data_set; folders of image files
+    or of shards, or shard sources (patterns, URLs, index files) with image_folder."""
+    root = args.data_path
     if args.data_set == "IMNET":
-        train, val = root / "train", root / "val"
+        train, val = str(Path(root) / "train"), str(Path(root) / "val")
         for folder, what in ((train, "train"), (val, "val")):
             needed = what == "val" and not args.disable_eval or what == "train" and not args.eval
-            if needed and not folder.is_dir():
+            if needed and not Path(folder).is_dir():
                 raise ConfigError(f"--data_path {root} has no {what}/ folder; --data_set IMNET reads <data_path>/train "
                                   "and <data_path>/val (use --data_set image_folder with --eval_data_path for other "
                                   "layouts" + (", or --disable_eval true)" if what == "val" else ")"))
         return (None if args.eval else train), (None if args.disable_eval else val)
     if not args.disable_eval and args.eval_data_path is None:
         raise ConfigError("--data_set image_folder evaluates on --eval_data_path; give it, or --disable_eval true")
-    return (None if args.eval else root), (None if args.disable_eval else Path(args.eval_data_path))
+    return (None if args.eval else root), (None if args.disable_eval else args.eval_data_path)
 
 
 def check_class_count(root, classes, nb_classes):
     if nb_classes != len(classes):
-        raise ConfigError(f"{root} has {len(classes)} class folders but --nb_classes is {nb_classes}; "
+        raise ConfigError(f"{root} has {len(classes)} classes but --nb_classes is {nb_classes}; "
                           f"pass --nb_classes {len(classes)}")
 
 
 def build_datasets(args):
-    """(train dataset or None, eval dataset or None, class names), with their class indices agreeing."""
+    """(train dataset or None, eval dataset or None, class names), with their class indices agreeing;
+    from class folders or labelled shards."""
     train_root, eval_root = data_folders(args)
     mean, std = mean_std(args.imagenet_default_mean_and_std, args.in_chans)
     flag = "--data_path" if args.data_set == "image_folder" or args.eval else "--data_path train/"
     train = classes = None
-    if train_root is not None or (args.eval and args.data_set == "IMNET" and (Path(args.data_path) / "train").is_dir()):
-        root = train_root or Path(args.data_path) / "train"
-        files, labels, classes = class_folders(root, flag)
-        check_class_count(root, classes, args.nb_classes)
-        if train_root is not None:
-            aa = None if args.aa is None or str(args.aa).lower() in ("none", "") else args.aa
-            transform = finetune_transform(args.input_size, mean, std, aa, args.color_jitter,
-                                           args.train_interpolation, args.reprob, args.remode, args.recount)
-            train = LabelledImages(files, labels, transform, args.in_chans, seed=args.seed)
+    names_from = train_root
+    if train_root is None and args.eval and args.data_set == "IMNET" and (Path(args.data_path) / "train").is_dir():
+        names_from = str(Path(args.data_path) / "train")  # only the class names, to label the evaluation
+    if names_from is not None:
+        aa = None if args.aa is None or str(args.aa).lower() in ("none", "") else args.aa
+        transform = finetune_transform(args.input_size, mean, std, aa, args.color_jitter,
+                                       args.train_interpolation, args.reprob, args.remode, args.recount)
+        dataset, classes = open_labelled(names_from, transform, args.in_chans, seed=args.seed, flag=flag)
+        check_class_count(names_from, classes, args.nb_classes)
+        train = dataset if train_root is not None else None
     evaluation = None
     if eval_root is not None:
         flag = "--eval_data_path" if args.data_set == "image_folder" else "--data_path val/"
-        files, labels, eval_classes = class_folders(eval_root, flag)
+        transform = eval_transform(args.input_size, mean, std, args.crop_pct)
+        evaluation, eval_classes = open_labelled(eval_root, transform, args.in_chans, seed=args.seed, flag=flag)
         if classes is None:
             classes = eval_classes
             check_class_count(eval_root, classes, args.nb_classes)
         unknown = sorted(set(eval_classes) - set(classes))
         if unknown:
-            raise ConfigError(f"{eval_root} has class folders the training data lacks: {', '.join(unknown[:5])}")
+            raise ConfigError(f"{eval_root} has classes the training data lacks: {', '.join(unknown[:5])}")
         index = {name: i for i, name in enumerate(classes)}  # evaluation labels by class name
-        labels = [index[eval_classes[label]] for label in labels]
-        evaluation = LabelledImages(files, labels, eval_transform(args.input_size, mean, std, args.crop_pct),
-                                    args.in_chans, seed=args.seed)
+        evaluation.relabel([index[name] for name in eval_classes])
     return train, evaluation, classes
 
 
@@ -311,7 +313,7 @@ def main(argv=None):
     if note:
         say(note)
     try:
-        steps_per_epoch = run.steps_per_epoch(len(train_set)) if train_set is not None else 1
+        steps_per_epoch = run.steps_per_epoch(train_set) if train_set is not None else 1
     except ConfigError as err:
         parser.error(str(err))
     lr = run.peak_lr()

@@ -17,10 +17,7 @@ from torchvision.utils import save_image
 
 import fcmae
 from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
-from fcmae.data import (
-    ImageFiles, WithMasks, derive_seed, find_images, normalization, pretrain_transform, sample_photographs,
-    view_transform,
-)
+from fcmae.data import WithMasks, derive_seed, normalization, open_images, pretrain_transform, view_transform
 from fcmae.models import BACKEND_CHOICES, ENCODER_STRIDE, num_visible_patches, random_patch_mask
 from fcmae.optim import param_groups
 from fcmae.training.arguments import COUNT, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args
@@ -101,18 +98,17 @@ def main(argv=None):
     args = parse_with_config(parser, argv, extra_defaults=demo_defaults)
     try:
         check_args(args)
-        files = sample_photographs() if args.data_path is None else find_images(args.data_path)
         transform = pretrain_transform(args.input_size, args.in_chans)
+        images = open_images(args.data_path, transform, args.in_chans, seed=args.seed, repeats=args.repeats)
     except ConfigError as err:
         parser.error(str(err))
 
     run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
     accelerator, say, out = run.accelerator, run.say, run.out
-    images = ImageFiles(files, transform, args.in_chans, seed=args.seed, repeats=args.repeats)
     num_patches = (args.input_size // ENCODER_STRIDE) ** 2
     dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
     try:
-        steps_per_epoch = run.steps_per_epoch(len(dataset))
+        steps_per_epoch = run.steps_per_epoch(dataset)
     except ConfigError as err:
         parser.error(str(err))
     lr = run.peak_lr()
@@ -148,8 +144,9 @@ def main(argv=None):
 
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
     say(f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {unwrapped.backend}) on "
-        f"{len(files)} images from {source}, {args.input_size}px, on {run.world} x {accelerator.device} "
-        f"({accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})")
+        f"{len(images) // args.repeats} images from {source}, {args.input_size}px, on {run.world} x "
+        f"{accelerator.device} ({accelerator.mixed_precision} mixed precision"
+        f"{', torch.compile' if args.compile else ''})")
     run.describe_batch(lr, steps_per_epoch)
     run.open_logs()
     if out and run.main_process:
@@ -157,7 +154,7 @@ def main(argv=None):
 
     # fixed images and masks for the reconstruction pictures
     view = view_transform(args.input_size, args.in_chans)
-    vis_imgs = torch.stack([view(images.load(i)[0]) for i in range(min(8, len(files)))])
+    vis_imgs = torch.stack([view(img) for img in images.pictures(8)])
     vis_masks = random_patch_mask(len(vis_imgs), num_patches, args.mask_ratio,
                                   generator=torch.Generator().manual_seed(derive_seed(args.seed, "pictures")))
     mean, std = normalization(args.in_chans)

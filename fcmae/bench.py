@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcmae.config import ArgumentParser, number, str2bool
-from fcmae.data import ImageFiles, StepBatchSampler, find_images, pretrain_transform
+from fcmae.config import ArgumentParser, ConfigError, number, str2bool
+from fcmae.data import is_shard_source, open_images, pretrain_transform
 from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models
 from fcmae.models.backends import minkowski
 from fcmae.training.arguments import COUNT, POSITIVE_INT
@@ -78,8 +78,8 @@ def parse_args(argv=None):
         parser.error(f"--input_size must be a multiple of {ENCODER_STRIDE} (the patch size), got {args.input_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-    if args.data is not None and not Path(args.data).is_dir():
-        parser.error(f"--data {args.data} is not a folder of images")
+    if args.data is not None and not (Path(args.data).is_dir() or is_shard_source(args.data)):
+        parser.error(f"--data {args.data} is neither a folder of images nor shards")
     return args
 
 
@@ -274,10 +274,13 @@ def print_steps(args, records):
 def loader_rate(data, input_size, batch_size, num_workers, batches):
     """Images/s of pretrain.py's input pipeline (decode, crop, flip, normalise, collate) with
     `num_workers` workers, after the first batch (worker start-up) is out of the way."""
-    files = find_images(data)
-    repeats = -(-(batches + 1) * batch_size // len(files))  # enough images for every batch
-    dataset = ImageFiles(files, pretrain_transform(input_size), repeats=repeats)
-    sampler = StepBatchSampler(len(dataset), batch_size, 1, 1, 0, seed=0)
+    dataset = open_images(data, pretrain_transform(input_size))
+    if not is_shard_source(data):  # repeat small folders: enough images for every batch
+        dataset.repeats = -(-(batches + 1) * batch_size // len(dataset))
+    sampler = dataset.batch_sampler(batch_size, 1, 1, 0, seed=0)
+    if sampler.steps < batches + 1:
+        raise ConfigError(f"--data {data} holds {len(dataset)} images, fewer than {batches + 1} batches of "
+                          f"{batch_size}; lower --batches or --batch_size")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
     it = iter(loader)
     next(it)
@@ -292,10 +295,12 @@ def bench_loader(args):
     records = []
     for workers in args.num_workers:
         rate = loader_rate(args.data, size, args.batch_size, workers, args.batches)
-        records.append({"data": str(args.data), "input_size": list(size), "batch_size": args.batch_size,
+        records.append({"data": str(args.data), "shards": is_shard_source(args.data), "input_size": list(size),
+                        "batch_size": args.batch_size,
                         "num_workers": workers, "images_per_s": rate,
                         "images_per_s_per_worker": rate / workers if workers else None})
-    print(f"input pipeline on {args.data}: RandomResizedCrop to {size[0]}x{size[1]}, flip, normalise; "
+    kind = "shards" if is_shard_source(args.data) else "image files"
+    print(f"input pipeline on {args.data} ({kind}): RandomResizedCrop to {size[0]}x{size[1]}, flip, normalise; "
           f"batch {args.batch_size}, {args.batches} batches")
     print(f"{'workers':>8}{'images/s':>12}{'per worker':>12}")
     for r in records:
@@ -307,7 +312,10 @@ def bench_loader(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.data is not None:
-        records = bench_loader(args)
+        try:
+            records = bench_loader(args)
+        except ConfigError as err:
+            raise SystemExit(f"python -m fcmae.bench: error: {err}") from None
     else:
         records = bench_steps(args)
         print_steps(args, records)

@@ -15,7 +15,7 @@ from timm.optim import create_optimizer_v2
 import fcmae
 from fcmae import layouts, weights
 from fcmae.optim import param_groups
-from fcmae.training.evaluate import shard
+from fcmae.data import share
 from test_pretrain import make_images, run_script
 from test_weights import minkowski_checkpoint
 
@@ -359,7 +359,7 @@ def test_eval_transform_as_the_official():
 def test_shards_cover_every_index_once():
     for size in (0, 1, 7, 9, 10, 50001):
         for world in (1, 2, 3, 8):
-            parts = [list(shard(size, r, world)) for r in range(world)]
+            parts = [list(share(size, r, world)) for r in range(world)]
             assert sum(parts, []) == list(range(size))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
@@ -383,14 +383,14 @@ def test_missing_val_folder(tmp_path, capsys):
 
 def test_class_count_mismatch(data, capsys):
     err = fail(["--data_path", data], capsys)  # IMNET default: 1000 classes
-    assert re.search(r"has 3 class folders but --nb_classes is 1000; pass --nb_classes 3", err)
+    assert re.search(r"has 3 classes but --nb_classes is 1000; pass --nb_classes 3", err)
 
 
 def test_eval_classes_the_training_data_lacks(data, tmp_path, capsys):
     make_images(tmp_path / "val", count=4, classes=("cat", "emu"))
     err = fail(["--data_set", "image_folder", "--data_path", data / "train", "--eval_data_path", tmp_path / "val",
                 "--nb_classes", "3"], capsys)
-    assert "class folders the training data lacks: emu" in err
+    assert "has classes the training data lacks: emu" in err
 
 
 def test_weights_for_another_size(data, encoder_file, capsys, tmp_path):

@@ -113,7 +113,7 @@ def test_loader_bench_measures_each_worker_count(tmp_path):
     (["--input_size", "64", "64", "64"], "--input_size takes one value"),
     (["--input_size", "100"], "--input_size must be a multiple of 32"),
     (["--mask_ratio", "1"], r"--mask_ratio must be in \[0, 1\)"),
-    (["--data", "/no/such/folder"], "--data /no/such/folder is not a folder of images"),
+    (["--data", "/no/such/folder"], "--data /no/such/folder is neither a folder of images nor shards"),
     (["--rows", "fast"], "argument --rows: invalid choice: 'fast'"),
 ])
 def test_bench_rejects_bad_arguments_in_one_sentence(args, message):
@@ -138,6 +138,7 @@ def test_gpu_benchmark_script_runs_its_smoke_plan_on_cpu(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {r["row"] for r in summary["steps"]} == {"sparse", "dense", "timm"}
     assert all(r["images_per_s"] > 0 for r in summary["steps"] + summary["loader"])
+    assert {r["shards"] for r in summary["loader"]} == {False, True}  # files and shards of the same images
     assert summary["pretrain"]["steps_done"] == 3 and summary["pretrain"]["images_per_s"] > 0
     text = (tmp_path / "summary.md").read_text()
     assert "## Training step" in text and "## Input pipeline" in text and "## pretrain.py" in text

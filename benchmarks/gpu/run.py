@@ -9,7 +9,7 @@ not end in time is cut off and reported as not measured):
 1. `python -m fcmae.bench` rows at 224 px, bf16: sparse, dense and timm, eager, for
    convnextv2_base (batch 128) and convnextv2_atto (batch 256);
 2. the input pipeline on a folder of synthetic JPEG photographs it writes (ImageNet-like size
-   and file size), at several worker counts;
+   and file size) and on the same images as webdataset shards, at several worker counts;
 3. 200 steps of pretrain.py (base, batch 128, bf16) on that folder, loader included;
 4. the same table compiled (torch.compile), base first.
 """
@@ -20,8 +20,10 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from fcmae import bench  # noqa: E402  (the checkout, not an installed copy)
+from fcmae.data import write_shards  # noqa: E402
 
 FULL = dict(device="cuda", precision="bf16", input_size=224,
             models=[("convnextv2_base", 128), ("convnextv2_atto", 256)],
@@ -149,10 +152,11 @@ def markdown(summary):
     loader = summary.get("loader", [])
     if loader:
         lines += ["", f"## Input pipeline ({summary['photos']})", "",
-                  "| workers | images/s | per worker |", "|---|---|---|"]
+                  "| read from | workers | images/s | per worker |", "|---|---|---|---|"]
         for r in loader:
             per = f"{r['images_per_s_per_worker']:.0f}" if r.get("images_per_s_per_worker") else "-"
-            lines.append(f"| {r['num_workers']} | {r['images_per_s']:.0f} | {per} |")
+            kind = "webdataset shards" if r["shards"] else "image files"
+            lines.append(f"| {kind} | {r['num_workers']} | {r['images_per_s']:.0f} | {per} |")
     run = summary.get("pretrain")
     if run:
         lines += ["", "## pretrain.py", "", f"`{run['command']}`", ""]
@@ -190,23 +194,29 @@ def main(argv=None):
     summary["steps"] = step_table(plan, False, peak, deadline)
     save()
 
-    photos = Path(os.environ.get("TMPDIR", "/tmp")) / "fcmae_photos"
+    scratch = Path(tempfile.mkdtemp(prefix="fcmae_gpu_bench_"))
+    photos = scratch / "photos"
     size = write_photos(photos, plan["images"], plan["image_size"])
     width, height = plan["image_size"]
     summary["photos"] = f"{plan['images']} synthetic JPEGs, {width}x{height}, {size / 1024:.0f} KiB on average"
-    if time.monotonic() < deadline:
-        loader_args = bench.parse_args(["--data", str(photos), "--input_size", str(plan["input_size"]),
-                                        "--batch_size", str(plan["pretrain"]["batch_size"]),
-                                        "--batches", str(plan["loader_batches"]),
-                                        "--num_workers", *map(str, plan["loader_workers"])])
-        summary["loader"] = bench.bench_loader(loader_args)
-        save()
+    shards = scratch / "shards"
+    write_shards(photos, shards, per_shard=max(1, plan["images"] // 8), say=lambda _: None)
+    summary["loader"] = []
+    for data in (photos, shards):  # the same images as files and as webdataset shards
+        if time.monotonic() < deadline:
+            loader_args = bench.parse_args(["--data", str(data), "--input_size", str(plan["input_size"]),
+                                            "--batch_size", str(plan["pretrain"]["batch_size"]),
+                                            "--batches", str(plan["loader_batches"]),
+                                            "--num_workers", *map(str, plan["loader_workers"])])
+            summary["loader"] += bench.bench_loader(loader_args)
+            save()
 
     p = plan["pretrain"]
     repeats = -(-p["batch_size"] * p["steps"] // plan["images"])
     summary["pretrain"] = pretrain_run(plan, photos, repeats, args.out, deadline)
     save()
 
+    shutil.rmtree(scratch, ignore_errors=True)
     if not args.smoke:
         summary["steps"] += step_table(plan, True, peak, deadline)
     save()

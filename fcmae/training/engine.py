@@ -5,7 +5,7 @@ the `TrainState`; `Run.fit` runs the optimiser steps. The scripts say only what 
 dataset, the loss of a micro-batch, and what happens after a step and at the end of an epoch.
 
 Everything a step computes is a function of (seed, step): the data order and augmentation come
-from `StepBatchSampler` and per-sample seeds, and the global random generators are re-seeded
+from the dataset's batch sampler and per-sample seeds, and the global random generators are re-seeded
 from (seed, step, process) before every step (drop path, mixup). A run killed at any moment and
 resumed from its newest checkpoint therefore ends exactly where the uninterrupted run would have.
 """
@@ -25,7 +25,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from fcmae.config import ConfigError
-from fcmae.data import StepBatchSampler, derive_seed
+from fcmae.data import DataError, derive_seed
 from fcmae.optim import cosine_lr, set_lr
 from fcmae.training.checkpoint import TrainState, check_fits, latest_checkpoint, save_checkpoint
 
@@ -94,13 +94,18 @@ class Run:
 
     # ----- start -------------------------------------------------------------------------------
 
-    def steps_per_epoch(self, dataset_size):
+    def batch_sampler(self, dataset):
+        """This process's batch sampler of `dataset` (a folder's or shards', the dataset knows which)."""
+        args = self.args
+        return dataset.batch_sampler(args.batch_size, args.update_freq, self.world, self.rank, args.seed)
+
+    def steps_per_epoch(self, dataset):
         """Optimiser steps per epoch (the last incomplete global batch is dropped)."""
-        steps = dataset_size // self.eff_batch
+        steps = self.batch_sampler(dataset).steps
         if steps == 0:
-            raise ConfigError(f"the data has {dataset_size} images, fewer than one effective batch of "
-                              f"{self.eff_batch} (batch_size x update_freq x processes); lower --batch_size or "
-                              "--update_freq")
+            raise ConfigError(f"the data has {len(dataset)} images, fewer than one effective batch of "
+                              f"{self.eff_batch} (batch_size x update_freq x processes; with shards, in each "
+                              "process's smallest share); lower --batch_size or --update_freq")
         return steps
 
     def peak_lr(self):
@@ -169,7 +174,7 @@ class Run:
         """(batch sampler, DataLoader) for the whole run: the workers persist across epochs and
         the sampler is told each epoch (and the step it starts at) with `set_epoch`."""
         args = self.args
-        sampler = StepBatchSampler(len(dataset), args.batch_size, args.update_freq, self.world, self.rank, args.seed)
+        sampler = self.batch_sampler(dataset)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
                                              pin_memory=args.pin_mem and self.device.type == "cuda",
                                              persistent_workers=args.num_workers > 0)
@@ -209,7 +214,11 @@ class Run:
                 seed_step(args.seed, state.global_step, self.rank)
                 step_loss, skipped = None, 0
                 for micro in range(args.update_freq):
-                    batch = next(batches)
+                    try:
+                        batch = next(batches)
+                    except DataError as err:  # raised in a worker, it carries the worker's traceback
+                        self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
+                                  advice="make the data readable")
                     sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
                     with contextlib.nullcontext() if sync else acc.no_sync(model):
                         with acc.autocast():
@@ -288,11 +297,11 @@ class Run:
 
     # ----- the end -----------------------------------------------------------------------------
 
-    def stop(self, problem):
+    def stop(self, problem, advice="lower the learning rate (--blr) or use --clip_grad"):
         """Stop every process with `problem`, naming the last good checkpoint."""
         last = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
-        self.say(f"error: {problem}; stopping. The last good checkpoint is {last or 'none'}; lower the "
-                 "learning rate (--blr) or use --clip_grad, then resume from it.")
+        self.say(f"error: {problem}; stopping. The last good checkpoint is {last or 'none'}; {advice}, then resume "
+                 "from it.")
         self.accelerator.end_training()
         sys.exit(1)
 

@@ -1,23 +1,18 @@
 """Exact evaluation over several processes: top-1, top-5 and loss on a labelled dataset.
 
-Each process evaluates its own contiguous share of the images (shares differ by at most one,
-nothing is padded or counted twice) and the sums are added up across processes once.
+Each process evaluates its own share of the images (`dataset.evaluation_batches`: a contiguous
+share of a folder, every world-th shard of shards; nothing padded or counted twice) and the sums
+are added up across processes once.
 """
 import torch
 import torch.nn.functional as F
-
-
-def shard(size, rank, world):
-    """The indices of process `rank`'s share of `size` items."""
-    return range(size * rank // world, size * (rank + 1) // world)
 
 
 def evaluate(run, model, dataset, batch_size=None):
     """{"acc1", "acc5" (percent), "loss" (mean cross-entropy), "images"} of `model` (unwrapped)."""
     args = run.args
     batch_size = batch_size or args.batch_size
-    mine = shard(len(dataset), run.rank, run.world)
-    batches = [[(i, 0) for i in mine[s:s + batch_size]] for s in range(0, len(mine), batch_size)]
+    batches = dataset.evaluation_batches(run.rank, run.world, batch_size)
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
                                          pin_memory=args.pin_mem and device.type == "cuda")
