@@ -188,11 +188,11 @@ class Shards:
             raise ConfigError(f"the shard index {url} cannot be read ({type(err).__name__}: {err})") from None
         if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
             raise ConfigError(f"{url} is not a shard index written by python -m fcmae.shards")
-        urls = [e["url"] if is_remote(e["url"]) or e["url"].startswith("/") else _beside(url, e["url"])
-                for e in index["shards"]]
-        if url.startswith("pipe:") and not all(is_remote(u) or u.startswith("/") for u in urls):
+        absolute = [is_remote(e["url"]) or e["url"].startswith("/") for e in index["shards"]]
+        if url.startswith("pipe:") and not all(absolute):
             raise ConfigError(f"the index from {url} names shards relative to it, which a pipe: command has not; "
                               "write their full URLs or pipe: commands into it")
+        urls = [e["url"] if whole else _beside(url, e["url"]) for e, whole in zip(index["shards"], absolute)]
         missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
         if missing:
             raise ConfigError(f"the shard index {url} lists {len(missing)} shard(s) that do not exist, the first "
@@ -314,6 +314,9 @@ class ShardImages(torch.utils.data.Dataset):
         return self.shards.images
 
     def batch_sampler(self, batch_size, update_freq, num_processes, rank, seed):
+        if len(self.shards.urls) < num_processes:
+            raise ConfigError(f"{self.shards.where} has {len(self.shards.urls)} shard(s) for {num_processes} "
+                              "processes, and every process reads whole shards; write smaller shards (--per_shard)")
         return ShardBatchSampler(self.shards, batch_size, update_freq, num_processes, rank, seed)
 
     def relabel(self, mapping):
