@@ -239,3 +239,18 @@ def test_the_loader_bench_reads_shards_beside_the_folder(folder, tmp_path):
         assert record["shards"] == (data != folder) and record["images_per_s"] > 0
     dataset = open_images(tmp_path / "s", pretrain_transform(64))
     assert len(dataset) == 24 and len(dataset.pictures(5)) == 5
+
+
+def test_an_index_through_a_pipe_and_shard_counts_that_cannot_work(folder, tmp_path):
+    out = tmp_path / "s"
+    write_shards(folder, out, per_shard=10, say=lambda _: None)
+    with pytest.raises(Exception, match="names shards relative to it, which a pipe: command has not"):
+        Shards.open(f"pipe:cat {out / 'index.json'}")
+    index = json.loads((out / "index.json").read_text())
+    for entry in index["shards"]:
+        entry["url"] = f"pipe:cat {out / entry['url']}"  # full pipe: commands work
+    (tmp_path / "piped.json").write_text(json.dumps(index))
+    shards = Shards.open(f"pipe:cat {tmp_path / 'piped.json'}")
+    assert shards.counts == [10, 10, 4] and len(stream(shards, 0, 0, 1, batch=4)) == 6
+    with pytest.raises(Exception, match="has 3 shard.s. for 4 processes, and every process reads whole shards"):
+        open_images(out, pretrain_transform(64)).batch_sampler(2, 1, 4, 0, 0)
