@@ -69,7 +69,8 @@ def test_ci_sized_study_runs_end_to_end(tmp_path):
     # the export step wrote the official layout, and the pretrained arm read it
     assert f"loaded the encoder from {tmp_path / 'encoder_fcmae.pt'}" in \
         (tmp_path / "logs" / "pretrained_fraction1.0_seed0_blr0.004.txt").read_text()
-    for name in ("accuracy_vs_labels.png", "results.md"):
+    for name in ("accuracy_vs_labels.png", "results.md", "pretrain_loss.png", "reconstructions_start.png",
+                 "reconstructions_end.png"):
         assert (tmp_path / "results" / name).is_file(), name
 
 

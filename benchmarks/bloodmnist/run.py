@@ -13,7 +13,8 @@ study on BloodMNIST, end to end with the project's own commands.
    encoder and from scratch, same recipe and budget, at every learning rate of the preset;
 5. each arm's learning rate is chosen per fraction by its mean top-1 on the validation split;
    only the chosen runs are evaluated on the test split;
-6. results.json, results.md (the table) and accuracy_vs_labels.png go to --results.
+6. results.json, results.md (the table), accuracy_vs_labels.png, the pretraining loss and the
+   reconstructions before and after pretraining go to --results.
 
 Every step runs the scripts as a user would (a subprocess each, nothing special-cased for this
 data in the library) and is skipped when its output is complete, so an interrupted study
@@ -25,6 +26,7 @@ import concurrent.futures
 import json
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -279,6 +281,17 @@ def report(cfg, runs, val, test, chosen, subsets, pre, results, counts, timings,
                   f"{cell(row['pretrained'])} | {row['gain']:+.2f}{mark} |")
     (results / "results.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
+
+    # the pretraining loss, and the reconstructions before and after it
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(range(len(pre_log)), summary["pretrain_loss"], marker="o", ms=3)
+    ax.set(xlabel="epoch", ylabel="masked-patch MSE (normalised pixels)", title="FCMAE pretraining loss")
+    fig.tight_layout()
+    fig.savefig(results / "pretrain_loss.png", dpi=120)
+    plt.close(fig)
+    pictures = sorted((pre / "reconstructions").glob("epoch_*.png"))
+    shutil.copy(pre / "reconstructions" / "step_00000000.png", results / "reconstructions_start.png")
+    shutil.copy(pictures[-1], results / "reconstructions_end.png")
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for arm, color, label in (("scratch", "tab:gray", "from scratch"), ("pretrained", "tab:blue", "FCMAE pretrained")):
