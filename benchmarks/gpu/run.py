@@ -12,6 +12,14 @@ not end in time is cut off and reported as not measured):
    and file size) and on the same images as webdataset shards, at several worker counts;
 3. 200 steps of pretrain.py (base, batch 128, bf16) on that folder, loader included;
 4. the same table compiled (torch.compile), base first.
+
+On this workplace's lent GPU machine (no package registry; torch, timm and accelerate are there,
+webdataset and braceexpand are not): download their wheels here first,
+    python3 -m pip download --no-deps -d .whl webdataset==1.0.2 braceexpand==0.1.7
+and run, with `.whl` carried and a timeout of about 540 s,
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/run.py $OUT/gpu
+The summary is well under 1 MB.
 """
 import argparse
 import json

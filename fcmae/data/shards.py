@@ -29,16 +29,25 @@ import warnings
 from pathlib import Path
 
 import torch
-import webdataset as wds
 from PIL import Image
-from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from fcmae.config import ConfigError
 from fcmae.data.folders import IMG_EXTENSIONS, class_folders, find_images
 from fcmae.data.sampling import DataError, derive_seed, seeded
 
 INDEX = "index.json"
+
+
+def webdataset():
+    """The webdataset library, imported when shards are first used: folders of files need none of it."""
+    try:
+        import webdataset
+        import webdataset.shardlists
+        import webdataset.tariterators
+    except ImportError:
+        raise ConfigError("shards need the webdataset library, which is not installed: "
+                          "pip install webdataset") from None
+    return webdataset
 IMAGE_EXTENSIONS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)
 
 
@@ -84,7 +93,7 @@ def write_shards(src, out, per_shard=1000, shuffle=True, seed=0, prefix="shard",
         if (out / name).is_file():
             continue  # written by an earlier, interrupted call
         partial = out / f".{name}.partial"
-        with wds.TarWriter(str(partial)) as sink:
+        with webdataset().TarWriter(str(partial)) as sink:
             for i in chunk:
                 path = Path(files[i])
                 sample = {"__key__": f"{i:09d}", path.suffix.lower().lstrip("."): path.read_bytes()}
@@ -118,7 +127,7 @@ def is_shard_source(data_path):
 
 
 def _read_json(url):
-    with wds.gopen(url) as stream:
+    with webdataset().gopen(url) as stream:
         return json.loads(stream.read())
 
 
@@ -131,7 +140,8 @@ def _beside(url, name):
 
 def _samples(stream, url):
     """The samples (dicts of member extension -> bytes, with "__key__") of an open tar stream."""
-    return group_by_keys({**member, "__url__": url} for member in tar_file_iterator(stream))
+    tariterators = webdataset().tariterators
+    return tariterators.group_by_keys({**m, "__url__": url} for m in tariterators.tar_file_iterator(stream))
 
 
 def _count(url):
@@ -139,7 +149,7 @@ def _count(url):
     if not is_remote(url):
         with open(url, "rb") as f:
             return len({m.name.split(".", 1)[0] for m in tarfile.open(fileobj=f) if m.isreg()})
-    with wds.gopen(url) as stream:
+    with webdataset().gopen(url) as stream:
         return sum(1 for _ in _samples(stream, url))
 
 
@@ -164,7 +174,7 @@ class Shards:
             return cls.counted(urls, text)
         if text.endswith(".json"):
             return cls.from_index(text)
-        urls = expand_urls(text)
+        urls = webdataset().shardlists.expand_urls(text)
         missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
         if missing:
             raise ConfigError(f"--data_path names {len(missing)} shard(s) that do not exist, the first {missing[0]}")
@@ -220,7 +230,7 @@ def read_shard(url, expected):
     (marked, so the loader counts it as skipped). A shard that cannot be opened raises DataError."""
     samples = []
     try:
-        with wds.gopen(url) as stream:
+        with webdataset().gopen(url) as stream:
             for raw in _samples(stream, url):
                 ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
                 key = raw["__key__"]
