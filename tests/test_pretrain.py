@@ -69,6 +69,19 @@ def run_pretrain(*args, **kwargs):
     return run_script("pretrain.py", *args, **kwargs)
 
 
+def kill_at_checkpoint(args, out, step):
+    """Start pretrain.py with a checkpoint every step and kill it (SIGKILL) once checkpoint `step` exists."""
+    command = [sys.executable, str(ROOT / "pretrain.py"), *map(str, args), "--output_dir", str(out),
+               "--save_ckpt_steps", "1"]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / f"checkpoint-{step:08d}").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def final_params(out):
     return load_file(str(sorted((Path(out) / "checkpoints").glob("checkpoint-*"))[-1] / "model.safetensors"))
 
@@ -133,15 +146,7 @@ def test_kill_and_resume_ends_where_the_uninterrupted_run_ends(images, tmp_path)
     run_pretrain(*args, "--output_dir", tmp_path / "straight")
 
     out = tmp_path / "killed"
-    command = [sys.executable, str(ROOT / "pretrain.py"), *map(str, args), "--output_dir", str(out),
-               "--save_ckpt_steps", "1"]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-00000008").exists():  # mid-epoch 2 of 3
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(args, out, step=8)  # mid-epoch 2 of 3
     # debris of a save that was cut short must not be picked up
     debris = out / "checkpoints" / ".partial-checkpoint-00000099"
     debris.mkdir(exist_ok=True)

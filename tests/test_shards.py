@@ -2,11 +2,9 @@
 import io
 import json
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 from fcmae.data import ShardBatchSampler, Shards, open_images, pretrain_transform, write_shards
 from fcmae.data import shards as shard_module
-from test_pretrain import ROOT, SMALL, env, final_params, make_images, run_pretrain, run_script
+from test_pretrain import ROOT, SMALL, env, final_params, kill_at_checkpoint, make_images, run_pretrain, run_script
 
 
 @pytest.fixture(scope="module")
@@ -139,15 +137,7 @@ def test_kill_and_resume_on_shards_ends_where_the_uninterrupted_run_ends(folder,
     args = [*SMALL, "--epochs", "3", "--data_path", tmp_path / "s", "--num_workers", "2"]
     run_pretrain(*args, "--output_dir", tmp_path / "straight")
     out = tmp_path / "killed"
-    command = [sys.executable, str(ROOT / "pretrain.py"), *map(str, args), "--output_dir", str(out),
-               "--save_ckpt_steps", "1"]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoints" / "checkpoint-00000008").exists():  # mid-epoch 2 of 3
-        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(args, out, step=8)  # mid-epoch 2 of 3
     result = run_pretrain(*args, "--output_dir", out, "--save_ckpt_steps", "1")
     assert "resumed from" in result.stdout
     straight, resumed = final_params(tmp_path / "straight"), final_params(out)
