@@ -153,7 +153,7 @@ def evaluation(name, split, command, work, timings):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--npz", required=True, help="bloodmnist.npz (MedMNIST v2)")
     p.add_argument("--preset", default="full", choices=sorted(PRESETS))
     p.add_argument("--override", default="{}", help="JSON object of preset values to change")
