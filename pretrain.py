@@ -81,6 +81,9 @@ def check_args(args):
     if args.input_size % ENCODER_STRIDE:
         raise ConfigError(f"--input_size must be a multiple of {ENCODER_STRIDE} (the patch size), got "
                           f"{args.input_size}")
+    if args.compile and args.backend == "minkowski":
+        raise ConfigError("--backend minkowski cannot be compiled (torch.compile cannot trace MinkowskiEngine); use "
+                          "--backend sparse with --compile, or leave --compile off")
     patches = (args.input_size // ENCODER_STRIDE) ** 2
     if num_visible_patches(patches, args.mask_ratio) == 0:
         raise ConfigError(f"--input_size {args.input_size} and --mask_ratio {args.mask_ratio} leave no patch visible "

@@ -40,12 +40,11 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def parse_args(argv=None):
     parser = ArgumentParser("python -m fcmae.bench", description=" ".join(__doc__.split("\n\n")[0].split()))
-    installed = [b for b in BACKENDS if b != "minkowski" or minkowski.is_available()] + ["timm"]
     parser.add_argument("--model", nargs="+", default=["convnextv2_atto"], choices=list_models(), metavar="NAME",
                         help=f"one or more ConvNeXt V2 sizes: {', '.join(list_models())}")
-    parser.add_argument("--rows", nargs="+", default=installed, choices=[*BACKENDS, "timm"], metavar="ROW",
-                        help=f"FCMAE backends and the timm reference: {', '.join([*BACKENDS, 'timm'])} (default: the "
-                             "installed ones)")
+    parser.add_argument("--rows", nargs="+", default=None, choices=[*BACKENDS, "timm"], metavar="ROW",
+                        help=f"FCMAE backends and the timm reference: {', '.join([*BACKENDS, 'timm'])} (default: those "
+                             "that can run here; minkowski only eager)")
     parser.add_argument("--batch_size", type=POSITIVE_INT, default=8, help="images per step")
     parser.add_argument("--input_size", type=number(int, ENCODER_STRIDE), nargs="+", default=[224], metavar="PX",
                         help="one value for square images, or height and width")
@@ -78,6 +77,18 @@ def parse_args(argv=None):
         parser.error(f"--input_size must be a multiple of {ENCODER_STRIDE} (the patch size), got {args.input_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    if args.rows is None:
+        args.rows = [b for b in BACKENDS if b != "minkowski" or (minkowski.is_available(args.device)
+                                                                 and not args.compile)] + ["timm"]
+    elif "minkowski" in args.rows:
+        if not minkowski.is_available():
+            parser.error(minkowski.INSTALL_HINT)
+        if not minkowski.is_available(args.device):
+            parser.error("the minkowski row cannot run on CUDA: this MinkowskiEngine is a CPU-only build; build the "
+                         "CUDA one with `bash scripts/install_minkowski.sh --cuda`")
+        if args.compile:
+            parser.error("the minkowski row cannot be compiled (torch.compile cannot trace MinkowskiEngine); leave "
+                         "it out of --rows, or --compile off")
     if args.data is not None and not (Path(args.data).is_dir() or is_shard_source(args.data)):
         parser.error(f"--data {args.data} is neither a folder of images nor shards")
     return args

@@ -1,6 +1,7 @@
 """The encoder backends compute the exact submanifold-sparse ConvNeXt V2 and agree with each other."""
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -8,9 +9,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fcmae
-from fcmae.models.backends import resolve_backend
+from fcmae.models.backends import minkowski, resolve_backend
 from fcmae.models.backends.sparse import VisiblePatches, z_order
-from conftest import BACKEND_NAMES, MINKOWSKI, fixed_probe, rel_err
+from conftest import BACKEND_NAMES, MINKOWSKI, fixed_probe, rel_err, require_backend
 FP32_OUT_TOL = 2e-5   # observed ~1e-6: rounding only
 FP32_GRAD_TOL = 1e-4  # observed ~2e-6
 
@@ -50,8 +51,8 @@ def test_backends_agree_fp32(make_model, device, name, size, ratio, batch, in_ch
     assert ref[0].shape == (batch, model.encoder.num_features, size[0] // 32, size[1] // 32)
     assert ref[0].abs().max() > 0 or ratio > 0.85  # a real latent, not zeros
     for backend in BACKEND_NAMES[1:]:
-        if backend == "minkowski" and device.type == "cuda" and not minkowski_has_cuda():
-            continue
+        if backend == "minkowski" and not minkowski.is_available(device):
+            continue  # a CPU-only MinkowskiEngine beside a GPU: the other backends are still compared
         out = run_backend(model, backend, imgs, mask)
         assert out[0].shape == ref[0].shape, backend
         assert rel_err(out[0], ref[0]) < FP32_OUT_TOL, backend
@@ -61,11 +62,6 @@ def test_backends_agree_fp32(make_model, device, name, size, ratio, batch, in_ch
         for key in ref[3]:
             assert torch.isfinite(out[3][key]).all(), (backend, key)
             assert rel_err(out[3][key], ref[3][key]) < FP32_GRAD_TOL, (backend, key)
-
-
-def minkowski_has_cuda():
-    from fcmae.models.backends.minkowski import import_minkowski
-    return bool(getattr(import_minkowski(), "is_cuda_available", lambda: False)())
 
 
 def test_backends_agree_to_float64_precision(make_model):
@@ -84,6 +80,7 @@ def test_backends_agree_to_float64_precision(make_model):
 
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_masked_pixels_never_reach_visible_positions(make_model, device, backend):
+    require_backend(backend, device)
     model = make_model(backend=backend).to(device)
     imgs = torch.randn(3, 3, 224, 224, device=device)
     mask = model.random_mask(imgs)
@@ -105,6 +102,7 @@ def test_masked_pixels_never_reach_visible_positions(make_model, device, backend
 @pytest.mark.parametrize("backend", BACKEND_NAMES)
 def test_a_sample_does_not_depend_on_its_batch_mates(make_model, device, backend):
     """GRN is per sample (the official MinkowskiEngine GRN pools over the whole batch)."""
+    require_backend(backend, device)
     model = make_model(backend=backend).to(device)
     imgs = torch.randn(4, 3, 224, 224, device=device)
     mask = model.random_mask(imgs)
@@ -255,6 +253,30 @@ def test_minkowski_backend_says_how_to_install_it_or_is_there():
     else:
         with pytest.raises(ValueError, match="scripts/install_minkowski.sh"):
             fcmae.create_model("convnextv2_atto", backend="minkowski")
+
+
+def test_a_cpu_only_minkowskiengine_meeting_cuda_tensors_says_what_to_do():
+    cpu_only = SimpleNamespace(is_cuda_available=lambda: False)
+    cuda_build = SimpleNamespace(is_cuda_available=lambda: True)
+    with pytest.raises(ValueError, match="CPU-only build.*install_minkowski.sh --cuda.*backend 'sparse'"):
+        minkowski.check_device(cpu_only, torch.device("cuda"))
+    minkowski.check_device(cpu_only, torch.device("cpu"))
+    minkowski.check_device(cuda_build, torch.device("cuda"))
+
+
+def test_the_forks_fused_depthwise_kernel_is_used_on_cuda_only():
+    fork = SimpleNamespace(MinkowskiDepthwiseConvolution="fused", MinkowskiChannelwiseConvolution="channelwise")
+    upstream = SimpleNamespace(MinkowskiChannelwiseConvolution="channelwise")
+    assert minkowski.depthwise_class(fork, torch.device("cuda")) == "fused"
+    assert minkowski.depthwise_class(fork, torch.device("cpu")) == "channelwise"  # the fork has no CPU kernel
+    assert minkowski.depthwise_class(upstream, torch.device("cuda")) == "channelwise"
+
+
+@pytest.mark.skipif(not MINKOWSKI, reason="MinkowskiEngine is not installed")
+def test_the_minkowski_backend_says_it_cannot_be_compiled(make_model):
+    model = make_model(backend="minkowski")
+    with pytest.raises(ValueError, match="minkowski backend cannot be compiled.*use backend 'sparse'"):
+        model.compile(fullgraph=True)
 
 
 def test_only_the_minkowski_backend_imports_minkowskiengine():

@@ -56,6 +56,8 @@ def test_finetune_help_says_data_path_is_required():
     (pretrain, ["--input_size", "32"], r"--input_size 32 and --mask_ratio 0.6 leave no patch visible \(int\(1 x 0.4\) "
                                        r"= 0 of 1\); use a larger --input_size or a lower --mask_ratio"),
     (pretrain, ["--input_size", "64", "--mask_ratio", "0.8"], "leave no patch visible"),
+    (pretrain, ["--backend", "minkowski", "--compile", "true"],
+     "--backend minkowski cannot be compiled .*; use --backend sparse with --compile, or leave --compile off"),
     (finetune, ["--smoothing", "1.5"], r"--smoothing must be in \[0, 1\), got 1.5"),
     (finetune, ["--drop_path", "2"], r"--drop_path must be in \[0, 1\), got 2"),
     (finetune, ["--reprob", "1.2"], r"--reprob must be in \[0, 1\], got 1.2"),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BACKEND_NAMES
+from conftest import BACKEND_NAMES, MINKOWSKI
 from test_pretrain import make_images
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +122,14 @@ def test_bench_rejects_bad_arguments_in_one_sentence(args, message):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_bench_refuses_a_minkowski_row_it_cannot_run():
+    result = run("-m", "fcmae.bench", "--rows", "minkowski", "--compile", "true")
+    message = ("the minkowski row cannot be compiled" if MINKOWSKI
+               else "the minkowski backend needs MinkowskiEngine, which is not installed")
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 def test_finetune_without_data_says_what_it_needs():
     result = run("finetune.py")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -136,12 +144,16 @@ def test_gpu_benchmark_script_runs_its_smoke_plan_on_cpu(tmp_path):
     result = run("benchmarks/gpu/run.py", tmp_path, "--smoke", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert {r["row"] for r in summary["steps"]} == {"sparse", "dense", "timm"}
+    assert {r["row"] for r in summary["steps"]} == set(BACKEND_NAMES) | {"timm"}  # minkowski where installed
     assert all(r["images_per_s"] > 0 for r in summary["steps"] + summary["loader"])
     assert {r["shards"] for r in summary["loader"]} == {False, True}  # files and shards of the same images
     assert summary["pretrain"]["steps_done"] == 3 and summary["pretrain"]["images_per_s"] > 0
+    tests = summary["tests"]  # the exactness tests for the plan's device, run by pytest
+    expected = r"\d+ passed" if MINKOWSKI else r"\d+ skipped"
+    assert tests["returncode"] == 0 and re.search(expected, tests["result"]), tests
     text = (tmp_path / "summary.md").read_text()
     assert "## Training step" in text and "## Input pipeline" in text and "## pretrain.py" in text
+    assert "## Exactness tests on this device" in text
     assert (tmp_path / "summary.json").stat().st_size + len(text) < 1_000_000
 
 

@@ -7,21 +7,29 @@ Writes OUT_DIR/summary.md and OUT_DIR/summary.json (well under 1 MB together). I
 importance, each part only while time is left (`--budget_s`, default 450 s; a part that would
 not end in time is cut off and reported as not measured):
 1. `python -m fcmae.bench` rows at 224 px, bf16: sparse, dense and timm, eager, for
-   convnextv2_base (batch 128) and convnextv2_atto (batch 256);
-2. the input pipeline on a folder of synthetic JPEG photographs it writes (ImageNet-like size
+   convnextv2_base (batch 128) and convnextv2_atto (batch 256); minkowski too where MinkowskiEngine's
+   CUDA build is installed;
+2. the exactness tests on the GPU: tests/test_backends.py and tests/test_minkowski.py, their CUDA
+   cases (backends agree with dense to the CPU tolerances), where pytest is installed;
+3. the input pipeline on a folder of synthetic JPEG photographs it writes (ImageNet-like size
    and file size) and on the same images as webdataset shards, at several worker counts;
-3. 200 steps of pretrain.py (base, batch 128, bf16) on that folder, loader included;
-4. the same table compiled (torch.compile), base first.
+4. 200 steps of pretrain.py (base, batch 128, bf16) on that folder, loader included;
+5. the same table compiled (torch.compile), base first (minkowski cannot be compiled).
 
 On this workplace's lent GPU machine (no package registry; torch, timm and accelerate are there,
 webdataset and braceexpand are not): download their wheels here first,
     python3 -m pip download --no-deps -d .whl webdataset==1.0.2 braceexpand==0.1.7
+with, for the minkowski row, a CUDA MinkowskiEngine wheel built here for that machine's Python and
+torch (3.12 and 2.11.0+cu130 when last seen; a Python 3.12 venv holding that torch as PYTHON),
+    PYTHON=... TORCH_CUDA_ARCH_LIST=9.0 bash scripts/install_minkowski.sh --cuda
+    cp ~/.cache/fcmae/wheels/minkowskiengine-0.5.4-torch2.11.0-cp312-cuda13.0-sm90/*.whl .whl/
 and run, with `.whl` carried and a timeout of about 540 s,
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/run.py $OUT/gpu
 The summary is well under 1 MB.
 """
 import argparse
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -44,14 +52,17 @@ sys.path.insert(0, str(ROOT))
 
 from fcmae import bench  # noqa: E402  (the checkout, not an installed copy)
 from fcmae.data import write_shards  # noqa: E402
+from fcmae.models.backends import minkowski  # noqa: E402
 
 FULL = dict(device="cuda", precision="bf16", input_size=224,
             models=[("convnextv2_base", 128), ("convnextv2_atto", 256)],
             steps=20, warmup=3, images=2000, image_size=(500, 375), loader_workers=[1, 4, 14], loader_batches=8,
-            pretrain=dict(model="convnextv2_base", batch_size=128, steps=200, workers=14))
+            pretrain=dict(model="convnextv2_base", batch_size=128, steps=200, workers=14),
+            tests=["tests/test_backends.py", "tests/test_minkowski.py", "-k", "cuda"])
 SMOKE = dict(device="cpu", precision="fp32", input_size=64, models=[("convnextv2_atto", 2)], steps=1, warmup=0,
              images=12, image_size=(96, 80), loader_workers=[0, 1], loader_batches=2,
-             pretrain=dict(model="convnextv2_atto", batch_size=4, steps=3, workers=1))
+             pretrain=dict(model="convnextv2_atto", batch_size=4, steps=3, workers=1),
+             tests=["tests/test_minkowski.py", "-k", "cpu"])
 
 
 def write_photo(args):
@@ -90,12 +101,31 @@ def machine():
 def step_table(plan, compile_, peak, deadline):
     records = []
     for model, batch in plan["models"]:
-        args = bench.parse_args(["--model", model, "--rows", "sparse", "dense", "timm", "--batch_size", str(batch),
+        can_minkowski = minkowski.is_available(plan["device"]) and not compile_
+        rows = ["sparse", "dense", "timm"] + (["minkowski"] if can_minkowski else [])
+        args = bench.parse_args(["--model", model, "--rows", *rows, "--batch_size", str(batch),
                                  "--input_size", str(plan["input_size"]), "--device", plan["device"],
                                  "--precision", plan["precision"], "--compile", str(compile_),
                                  "--steps", str(plan["steps"]), "--warmup", str(plan["warmup"])])
         records += bench.bench_steps(args, peak=peak, deadline=deadline)
     return records
+
+
+def gpu_tests(plan, deadline):
+    """The exactness tests' cases for the plan's device, run by pytest in a subprocess."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plan["tests"]]
+    record = {"command": shlex.join(command[1:])}
+    if importlib.util.find_spec("pytest") is None:
+        return {**record, "skipped": "pytest is not installed"}
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return {**record, "skipped": "out of time"}
+    lines = result.stdout.strip().splitlines()
+    return {**record, "returncode": result.returncode, "result": lines[-1] if lines else "",
+            "minkowski": minkowski.is_available(plan["device"]),
+            "output_tail": "" if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]}
 
 
 def pretrain_run(plan, data, repeats, out, deadline):
@@ -157,6 +187,16 @@ def markdown(summary):
             lines.append(f"- {model}: sparse {speed:.0f} images/s = {speed / d['images_per_s']:.2f}x dense-masked "
                          f"and {speed / t['images_per_s']:.2f}x timm; peak memory "
                          f"{s['peak_memory_mib'] / d['peak_memory_mib']:.2f}x dense-masked")
+    tests = summary.get("tests")
+    if tests:
+        lines += ["", "## Exactness tests on this device", "", f"`{tests['command']}`", ""]
+        if "skipped" in tests:
+            lines.append("not run: " + tests["skipped"])
+        else:
+            lines.append(f"{tests['result']} (exit status {tests['returncode']}; MinkowskiEngine on this device: "
+                         f"{'yes' if tests['minkowski'] else 'no'})")
+            if tests["output_tail"]:
+                lines += ["", "```", tests["output_tail"], "```"]
     loader = summary.get("loader", [])
     if loader:
         lines += ["", f"## Input pipeline ({summary['photos']})", "",
@@ -200,6 +240,8 @@ def main(argv=None):
     peak = bench.run_in_process(bench.matmul_peak, "cuda") if plan["device"] == "cuda" else None
     summary["matmul_peak_tflops"] = peak / 1e12 if peak else None
     summary["steps"] = step_table(plan, False, peak, deadline)
+    save()
+    summary["tests"] = gpu_tests(plan, deadline)
     save()
 
     scratch = Path(tempfile.mkdtemp(prefix="fcmae_gpu_bench_"))

@@ -221,6 +221,9 @@ class FCMAE(nn.Module):
     def compile(self, **kwargs):
         """torch.compile the part of `forward` after the mask checks (encoder, decoder, loss);
         keyword arguments go to torch.compile. The checks stay eager: they read the mask's values."""
+        if self.backend == "minkowski":
+            raise ValueError("the minkowski backend cannot be compiled (torch.compile cannot trace MinkowskiEngine); "
+                             "use backend 'sparse' to compile, or run it eagerly")
         self.forward_masked = torch.compile(self.forward_masked, **kwargs)
         return self
 

@@ -35,32 +35,48 @@ def import_minkowski():
     return MinkowskiEngine
 
 
-def is_available():
+def is_available(device="cpu"):
+    """Whether the backend can run on `device` ("cpu" or "cuda"): MinkowskiEngine is installed and,
+    for CUDA, is the CUDA build."""
     try:
-        import_minkowski()
+        me = import_minkowski()
     except ValueError:
         return False
-    return True
+    return torch.device(device).type != "cuda" or bool(me.is_cuda_available())
 
 
-def _conv_module(encoder, kind, *shape):
+def check_device(me, device):
+    """One clear sentence instead of MinkowskiEngine's error when a CPU-only build meets CUDA tensors."""
+    if device.type == "cuda" and not me.is_cuda_available():
+        raise ValueError("this MinkowskiEngine is a CPU-only build and cannot run on CUDA tensors; build the CUDA "
+                         "one with `bash scripts/install_minkowski.sh --cuda`, or use backend 'sparse'")
+
+
+def _conv_module(encoder, kind, device, *shape):
     """A parameter-less stand-in MinkowskiEngine conv module, cached on the encoder (it holds no
     weights: ours are passed in at every call)."""
     me = import_minkowski()
     cache = encoder.__dict__.setdefault("_minkowski_modules", {})
-    key = (kind, *shape)
+    key = (kind, device, *shape)
     if key not in cache:
         with warnings.catch_warnings():  # its modules instantiate autograd Functions: deprecated, harmless
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            cache[key] = _new_conv_module(me, kind, *shape)
+            cache[key] = _new_conv_module(me, kind, device, *shape).to(device)
     return cache[key]
 
 
-def _new_conv_module(me, kind, *shape):
-    if kind == "depthwise":  # the official code's fork has a fused kernel; upstream 0.5.4 does not
-        cls = getattr(me, "MinkowskiDepthwiseConvolution", None) or me.MinkowskiChannelwiseConvolution
-        return cls(shape[0], kernel_size=7, bias=False, dimension=2)
+def _new_conv_module(me, kind, device, *shape):
+    if kind == "depthwise":
+        return depthwise_class(me, device)(shape[0], kernel_size=7, bias=False, dimension=2)
     return me.MinkowskiConvolution(shape[0], shape[1], kernel_size=2, stride=2, bias=False, dimension=2)
+
+
+def depthwise_class(me, device):
+    """The fused CUDA kernel of the official code's fork (scripts/install_minkowski.sh --fork) on
+    CUDA where installed, else upstream's channelwise convolution; both keep the kernel as
+    (offsets, channels) in the same offset order."""
+    fused = getattr(me, "MinkowskiDepthwiseConvolution", None)
+    return fused if fused is not None and device.type == "cuda" else me.MinkowskiChannelwiseConvolution
 
 
 def _conv(encoder, module_kind, conv, x, me_kind):
@@ -73,7 +89,7 @@ def _conv(encoder, module_kind, conv, x, me_kind):
                             coordinate_manager=x.coordinate_manager)
     dtype = x.F.dtype
     shape = (conv.in_channels,) if module_kind == "depthwise" else (conv.in_channels, conv.out_channels)
-    module = _conv_module(encoder, module_kind, *shape).to(x.F.device)
+    module = _conv_module(encoder, module_kind, x.F.device, *shape)
     kernel = to_theirs(conv.weight.to(dtype), me_kind).contiguous()
     out = torch.func.functional_call(module, {"kernel": kernel}, (x,))
     return out, out.F + conv.bias.to(dtype)
@@ -82,6 +98,7 @@ def _conv(encoder, module_kind, conv, x, me_kind):
 def minkowski_forward(encoder, imgs, mask, num_visible=None):
     # num_visible is not used: MinkowskiEngine builds its coordinate maps on the host anyway
     me = import_minkowski()
+    check_device(me, imgs.device)
     n, _, height, width = imgs.shape
     visible = upsample_visibility(patch_visibility(mask, height // ENCODER_STRIDE, width // ENCODER_STRIDE), 8)
     stem = encoder.stem(imgs)  # dense, as the official code
