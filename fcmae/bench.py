@@ -81,11 +81,10 @@ def parse_args(argv=None):
         args.rows = [b for b in BACKENDS if b != "minkowski" or (minkowski.is_available(args.device)
                                                                  and not args.compile)] + ["timm"]
     elif "minkowski" in args.rows:
-        if not minkowski.is_available():
-            parser.error(minkowski.INSTALL_HINT)
-        if not minkowski.is_available(args.device):
-            parser.error("the minkowski row cannot run on CUDA: this MinkowskiEngine is a CPU-only build; build the "
-                         "CUDA one with `bash scripts/install_minkowski.sh --cuda`")
+        try:  # the backend's own sentences: not installed, or a CPU-only build asked for CUDA
+            minkowski.check_device(minkowski.import_minkowski(), torch.device(args.device))
+        except ValueError as err:
+            parser.error(str(err))
         if args.compile:
             parser.error("the minkowski row cannot be compiled (torch.compile cannot trace MinkowskiEngine); leave "
                          "it out of --rows, or --compile off")
