@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
-from fcmae.data import eval_transform, finetune_transform, mean_std, open_labelled
+from fcmae.data import finetune_datasets
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import param_groups
 from fcmae.training.checkpoint import latest_checkpoint
@@ -144,63 +144,6 @@ def mixup_active(args):
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
-def data_folders(args):
-    """(training folder or None, evaluation folder or None) for --data_set; folders of image files
-    or of shards, or shard sources (patterns, URLs, index files) with image_folder."""
-    root = args.data_path
-    if args.data_set == "IMNET":
-        train, val = str(Path(root) / "train"), str(Path(root) / "val")
-        for folder, what in ((train, "train"), (val, "val")):
-            needed = what == "val" and not args.disable_eval or what == "train" and not args.eval
-            if needed and not Path(folder).is_dir():
-                raise ConfigError(f"--data_path {root} has no {what}/ folder; --data_set IMNET reads <data_path>/train "
-                                  "and <data_path>/val (use --data_set image_folder with --eval_data_path for other "
-                                  "layouts" + (", or --disable_eval true)" if what == "val" else ")"))
-        return (None if args.eval else train), (None if args.disable_eval else val)
-    if not args.disable_eval and args.eval_data_path is None:
-        raise ConfigError("--data_set image_folder evaluates on --eval_data_path; give it, or --disable_eval true")
-    return (None if args.eval else root), (None if args.disable_eval else args.eval_data_path)
-
-
-def check_class_count(root, classes, nb_classes):
-    if nb_classes != len(classes):
-        raise ConfigError(f"{root} has {len(classes)} classes but --nb_classes is {nb_classes}; "
-                          f"pass --nb_classes {len(classes)}")
-
-
-def build_datasets(args):
-    """(train dataset or None, eval dataset or None, class names), with their class indices agreeing;
-    from class folders or labelled shards."""
-    train_root, eval_root = data_folders(args)
-    mean, std = mean_std(args.imagenet_default_mean_and_std, args.in_chans)
-    flag = "--data_path" if args.data_set == "image_folder" or args.eval else "--data_path train/"
-    train = classes = None
-    names_from = train_root
-    if train_root is None and args.eval and args.data_set == "IMNET" and (Path(args.data_path) / "train").is_dir():
-        names_from = str(Path(args.data_path) / "train")  # only the class names, to label the evaluation
-    if names_from is not None:
-        aa = None if args.aa is None or str(args.aa).lower() in ("none", "") else args.aa
-        transform = finetune_transform(args.input_size, mean, std, aa, args.color_jitter,
-                                       args.train_interpolation, args.reprob, args.remode, args.recount)
-        dataset, classes = open_labelled(names_from, transform, args.in_chans, seed=args.seed, flag=flag)
-        check_class_count(names_from, classes, args.nb_classes)
-        train = dataset if train_root is not None else None
-    evaluation = None
-    if eval_root is not None:
-        flag = "--eval_data_path" if args.data_set == "image_folder" else "--data_path val/"
-        transform = eval_transform(args.input_size, mean, std, args.crop_pct)
-        evaluation, eval_classes = open_labelled(eval_root, transform, args.in_chans, seed=args.seed, flag=flag)
-        if classes is None:
-            classes = eval_classes
-            check_class_count(eval_root, classes, args.nb_classes)
-        unknown = sorted(set(eval_classes) - set(classes))
-        if unknown:
-            raise ConfigError(f"{eval_root} has classes the training data lacks: {', '.join(unknown[:5])}")
-        index = {name: i for i, name in enumerate(classes)}  # evaluation labels by class name
-        evaluation.relabel([index[name] for name in eval_classes])
-    return train, evaluation, classes
-
-
 def build_model(args):
     model = create_convnextv2(args.model, num_classes=args.nb_classes, drop_path_rate=args.drop_path,
                               head_init_scale=args.head_init_scale, in_chans=args.in_chans)
@@ -303,7 +246,7 @@ def main(argv=None):
     args = parse_with_config(parser, argv, overrides=probe_defaults)
     try:
         check_args(args)
-        train_set, eval_set, classes = build_datasets(args)
+        train_set, eval_set, classes = finetune_datasets(args)
     except ConfigError as err:
         parser.error(str(err))
 
@@ -374,11 +317,11 @@ def main(argv=None):
             unwrapped.head.fc.train()
 
     def micro_step(batch):
-        imgs, labels, n_skipped = batch
-        imgs, labels = imgs.to(accelerator.device, non_blocking=True), labels.to(accelerator.device, non_blocking=True)
+        imgs, n_skipped = train_set.prepare(batch, accelerator.device)
+        labels = batch.label.to(accelerator.device, non_blocking=True)
         if mixup is not None:
             imgs, labels = mixup(imgs, labels)
-        return criterion(model(imgs), labels), int(n_skipped.sum())
+        return criterion(model(imgs), labels), n_skipped
 
     def after_step():
         if ema is not None:

@@ -17,7 +17,9 @@ from torchvision.utils import save_image
 
 import fcmae
 from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
-from fcmae.data import WithMasks, derive_seed, normalization, open_images, pretrain_transform, view_transform
+from fcmae.data import (
+    PretrainTransform, WithMasks, derive_seed, get_decoder, normalization, open_images, view_transform,
+)
 from fcmae.models import BACKEND_CHOICES, ENCODER_STRIDE, num_visible_patches, random_patch_mask
 from fcmae.optim import param_groups
 from fcmae.training.arguments import COUNT, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args
@@ -101,8 +103,9 @@ def main(argv=None):
     args = parse_with_config(parser, argv, extra_defaults=demo_defaults)
     try:
         check_args(args)
-        transform = pretrain_transform(args.input_size, args.in_chans)
-        images = open_images(args.data_path, transform, args.in_chans, seed=args.seed, repeats=args.repeats)
+        transform = PretrainTransform(args.input_size, args.in_chans)
+        images = open_images(args.data_path, transform, seed=args.seed, repeats=args.repeats,
+                             decoder=get_decoder(args.decoder))
     except ConfigError as err:
         parser.error(str(err))
 
@@ -180,11 +183,9 @@ def main(argv=None):
     num_visible = num_visible_patches(num_patches, args.mask_ratio)  # in every mask: no check needs the device
 
     def micro_step(batch):
-        imgs, n_skipped, mask = batch
-        device = accelerator.device
-        loss, _, _ = model(imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True),
-                           num_visible=num_visible)
-        return loss, int(n_skipped.sum())
+        imgs, n_skipped = dataset.prepare(batch, accelerator.device)  # uint8 to normalised floats, on the device
+        loss, _, _ = model(imgs, batch.mask.to(accelerator.device, non_blocking=True), num_visible=num_visible)
+        return loss, n_skipped
 
     def after_step():
         if args.vis_every and run.state.global_step % args.vis_every == 0:

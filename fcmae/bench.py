@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fcmae.config import ArgumentParser, ConfigError, number, str2bool
-from fcmae.data import is_shard_source, open_images, pretrain_transform
+from fcmae.data import (
+    DECODERS, DEFAULT_DECODER, PretrainTransform, collate, get_decoder, is_shard_source, open_images,
+)
 from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models
 from fcmae.models.backends import minkowski
 from fcmae.training.arguments import COUNT, POSITIVE_INT
@@ -70,6 +72,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=COUNT, nargs="+", default=[0, 2],
                         help="with --data: the DataLoader worker counts to measure")
     parser.add_argument("--batches", type=POSITIVE_INT, default=20, help="with --data: timed batches per worker count")
+    parser.add_argument("--decoder", nargs="+", default=[DEFAULT_DECODER], choices=list(DECODERS), metavar="NAME",
+                        help=f"with --data: the decoders to measure, of {', '.join(DECODERS)} (default: "
+                             f"{DEFAULT_DECODER}, pretrain.py's)")
     args = parser.parse_args(argv)
     if len(args.input_size) not in (1, 2):
         parser.error("--input_size takes one value (square) or two (height width)")
@@ -281,41 +286,48 @@ def print_steps(args, records):
 
 # ----- the input pipeline -------------------------------------------------------------------------
 
-def loader_rate(data, input_size, batch_size, num_workers, batches):
-    """Images/s of pretrain.py's input pipeline (decode, crop, flip, normalise, collate) with
+def loader_rate(data, input_size, batch_size, num_workers, batches, decoder=DEFAULT_DECODER, device="cpu"):
+    """Images/s of pretrain.py's input pipeline (read, crop, decode, flip, collate in the workers;
+    conversion and normalisation, and an on-device decoder's decoding, in the main process) with
     `num_workers` workers, after the first batch (worker start-up) is out of the way."""
-    dataset = open_images(data, pretrain_transform(input_size))
+    dataset = open_images(data, PretrainTransform(input_size), decoder=get_decoder(decoder))
     if not is_shard_source(data):  # repeat small folders: enough images for every batch
-        dataset.repeats = -(-(batches + 1) * batch_size // len(dataset))
+        dataset.source.repeats = -(-(batches + 1) * batch_size // len(dataset))
     sampler = dataset.batch_sampler(batch_size, 1, 1, 0, seed=0)
     if sampler.steps < batches + 1:
         raise ConfigError(f"--data {data} holds {len(dataset)} images, fewer than {batches + 1} batches of "
                           f"{batch_size}; lower --batches or --batch_size")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     it = iter(loader)
-    next(it)
+    dataset.prepare(next(it), device)
+    sync()
     start = time.perf_counter()
     for _ in range(batches):
-        next(it)
+        dataset.prepare(next(it), device)
+    sync()
     return batches * batch_size / (time.perf_counter() - start)
 
 
 def bench_loader(args):
     size = image_size(args)
+    device = torch.device(args.device)
     records = []
-    for workers in args.num_workers:
-        rate = loader_rate(args.data, size, args.batch_size, workers, args.batches)
-        records.append({"data": str(args.data), "shards": is_shard_source(args.data), "input_size": list(size),
-                        "batch_size": args.batch_size,
-                        "num_workers": workers, "images_per_s": rate,
-                        "images_per_s_per_worker": rate / workers if workers else None})
+    for decoder in args.decoder:
+        for workers in args.num_workers:
+            rate = loader_rate(args.data, size, args.batch_size, workers, args.batches, decoder, device)
+            records.append({"data": str(args.data), "shards": is_shard_source(args.data), "decoder": decoder,
+                            "input_size": list(size), "batch_size": args.batch_size, "device": describe_device(args.device),
+                            "num_workers": workers, "images_per_s": rate,
+                            "images_per_s_per_worker": rate / workers if workers else None})
     kind = "shards" if is_shard_source(args.data) else "image files"
-    print(f"input pipeline on {args.data} ({kind}): RandomResizedCrop to {size[0]}x{size[1]}, flip, normalise; "
-          f"batch {args.batch_size}, {args.batches} batches")
-    print(f"{'workers':>8}{'images/s':>12}{'per worker':>12}")
+    print(f"input pipeline on {args.data} ({kind}): RandomResizedCrop to {size[0]}x{size[1]}, flip, uint8 to "
+          f"{args.device}, normalised there; batch {args.batch_size}, {args.batches} batches")
+    print(f"{'decoder':>8}{'workers':>8}{'images/s':>12}{'per worker':>12}")
     for r in records:
         per = f"{r['images_per_s_per_worker']:.1f}" if r["num_workers"] else "-"
-        print(f"{r['num_workers']:>8}{r['images_per_s']:>12.1f}{per:>12}")
+        print(f"{r['decoder']:>8}{r['num_workers']:>8}{r['images_per_s']:>12.1f}{per:>12}")
     return records
 
 

@@ -6,12 +6,13 @@
 SRC with one sub-folder of images per class gives labelled shards (`cls`, and the class names
 in index.json); any other folder unlabelled ones. Images go in as stored, shuffled (seeded) so
 that each shard mixes the classes. Running the same command again continues an interrupted one.
-See fcmae/data/shards.py for the layout and how the training scripts read it.
+See fcmae/data/writing.py for the layout and fcmae/data/shards.py for how the training scripts read it.
 """
 from pathlib import Path
 
 from fcmae.config import ArgumentParser, ConfigError, str2bool
-from fcmae.data.shards import INDEX, write_shards
+from fcmae.data.shards import INDEX
+from fcmae.data.writing import write_shards
 from fcmae.training.arguments import COUNT, POSITIVE_INT
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fcmae.data import ShardBatchSampler, Shards, open_images, pretrain_transform, write_shards
+from fcmae.data import PretrainTransform, ShardBatchSampler, Shards, open_images, write_shards
 from fcmae.data import shards as shard_module
 from test_pretrain import ROOT, SMALL, env, final_params, kill_at_checkpoint, make_images, run_pretrain, run_script
 
@@ -162,7 +162,7 @@ def test_a_corrupt_member_is_skipped_counted_and_never_stops_the_run(folder, tmp
     key = next(n for n in members(shard) if n.endswith(".png"))
     rewrite_member(shard, key, b"not an image at all")
     result = run_pretrain(*SMALL, "--epochs", "2", "--data_path", tmp_path / "s", "--output_dir", tmp_path / "run")
-    assert "not a readable image" in result.stderr and key.split(".")[0] in result.stderr
+    assert "skipping unreadable image" in result.stderr and key.split(".")[0] in result.stderr
     log = [json.loads(line) for line in (tmp_path / "run" / "log.txt").read_text().splitlines()]
     assert [entry["skipped_images"] for entry in log] == [1, 1]  # once an epoch, in every epoch
 
@@ -227,7 +227,7 @@ def test_the_loader_bench_reads_shards_beside_the_folder(folder, tmp_path):
                    "--num_workers", "0", "--batches", "2", "--json", tmp_path / "b.json")
         record = json.loads((tmp_path / "b.json").read_text())[0]
         assert record["shards"] == (data != folder) and record["images_per_s"] > 0
-    dataset = open_images(tmp_path / "s", pretrain_transform(64))
+    dataset = open_images(tmp_path / "s", PretrainTransform(64))
     assert len(dataset) == 24 and len(dataset.pictures(5)) == 5
 
 
@@ -243,4 +243,4 @@ def test_an_index_through_a_pipe_and_shard_counts_that_cannot_work(folder, tmp_p
     shards = Shards.open(f"pipe:cat {tmp_path / 'piped.json'}")
     assert shards.counts == [10, 10, 4] and len(stream(shards, 0, 0, 1, batch=4)) == 6
     with pytest.raises(Exception, match="has 3 shard.s. for 4 processes, and every process reads whole shards"):
-        open_images(out, pretrain_transform(64)).batch_sampler(2, 1, 4, 0, 0)
+        open_images(out, PretrainTransform(64)).batch_sampler(2, 1, 4, 0, 0)

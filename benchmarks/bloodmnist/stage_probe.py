@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from fcmae.data import LabelledImages, class_folders, eval_transform, normalization
+from fcmae.data import EvalTransform, FullDecoder, collate, normalization, open_images
 from fcmae.weights import load_classifier
 
 
@@ -39,11 +39,11 @@ def effective_rank(x):
 
 def features(model, root, size, batch=256, diversity=None):
     """Pooled features of each stage and the head; `diversity` (a dict) collects channel distances per stage."""
-    files, labels, _ = class_folders(root)
     mean, std = normalization(3)
-    data = LabelledImages(files, labels, eval_transform(size, mean, std, crop_pct=1.0))
-    loader = torch.utils.data.DataLoader(data, batch_sampler=[[(i, 0) for i in range(s, min(s + batch, len(data)))]
-                                                              for s in range(0, len(data), batch)], num_workers=2)
+    data = open_images(root, EvalTransform(size, mean, std, crop_pct=1.0), decoder=FullDecoder(), labelled=True)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=data.evaluation_batches(0, 1, batch), num_workers=2,
+                                         collate_fn=collate)
+    labels = []
     hooks = []
     if diversity is not None:
         for i, stage in enumerate(model.stages):
@@ -53,7 +53,9 @@ def features(model, root, size, batch=256, diversity=None):
                 hooks.append(block.mlp.act.register_forward_hook(hook))
     out = {}
     with torch.no_grad():
-        for imgs, _, _ in loader:
+        for batch in loader:
+            imgs, _ = data.prepare(batch, "cpu")
+            labels.append(batch.label)
             x = model.stem(imgs)
             parts = {}
             for i, stage in enumerate(model.stages):
@@ -64,7 +66,7 @@ def features(model, root, size, batch=256, diversity=None):
                 out.setdefault(key, []).append(value)
     for hook in hooks:
         hook.remove()
-    return {k: torch.cat(v) for k, v in out.items()}, torch.tensor(labels)
+    return {k: torch.cat(v) for k, v in out.items()}, torch.cat(labels)
 
 
 def logistic_probe(train, y_train, test, y_test, classes, steps=300, l2=1e-3):

@@ -1,14 +1,13 @@
-"""Folders of image files (labelled from class folders too) and the bundled sample photographs."""
+"""The source of folders of image files (labelled from class folders too) and of the bundled sample
+photographs."""
 import os
-import warnings
 from pathlib import Path
 
-import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from fcmae.config import ConfigError
-from fcmae.data.sampling import StepBatchSampler, derive_seed, seeded, share
+from fcmae.data.contract import Record
+from fcmae.data.sampling import StepBatchSampler, share
 
 # Real photographs that scikit-image ships (no download at run time); the synthetic ones
 # (chessboard, logo, phantom, ...) are left out.
@@ -20,17 +19,17 @@ SAMPLE_PHOTOGRAPHS = (
 )
 
 
-def find_images(data_path):
+def find_images(data_path, flag="--data_path"):
     """Image files under `data_path` (or `data_path/train` when that exists), sorted.
 
     Class sub-folders, nested folders and flat folders all work; labels are not used.
     """
     root = Path(data_path)
     if not root.exists():
-        raise ConfigError(f"--data_path {root} does not exist; point it at a folder of images "
+        raise ConfigError(f"{flag} {root} does not exist; point it at a folder of images "
                           "(class sub-folders or flat), or at an ImageNet root holding train/")
     if not root.is_dir():
-        raise ConfigError(f"--data_path {root} is a file, not a folder of images")
+        raise ConfigError(f"{flag} {root} is a file, not a folder of images")
     if (root / "train").is_dir():
         root = root / "train"
     files = []
@@ -38,7 +37,7 @@ def find_images(data_path):
         subdirs.sort()
         files += [os.path.join(folder, n) for n in sorted(names) if n.lower().endswith(IMG_EXTENSIONS)]
     if not files:
-        raise ConfigError(f"--data_path {root} holds no images (looked for {', '.join(IMG_EXTENSIONS[:6])}, "
+        raise ConfigError(f"{flag} {root} holds no images (looked for {', '.join(IMG_EXTENSIONS[:6])}, "
                           "... in it and its sub-folders)")
     return files
 
@@ -57,75 +56,56 @@ def sample_photographs():
     return files
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files as augmented tensors; items are looked up by (index, epoch[, position]).
+class FolderSource:
+    """Image files (a folder's, or the sample photographs), labelled when `labels` is given; keys
+    are (index, epoch, position) from a StepBatchSampler, index < len(files) x repeats."""
 
-    The augmentation of item (index, epoch) is seeded from (seed, epoch, index). An unreadable
-    file is skipped with a warning naming it, and the next readable file stands in; each item
-    returns how many files it skipped, so the training loop can count them.
-    """
-
-    def __init__(self, files, transform, in_chans=3, seed=0, repeats=1):
-        self.files = list(files)
-        self.transform = transform
-        self.mode = "RGB" if in_chans == 3 else "L"
-        self.seed = seed
+    def __init__(self, files, labels=None, classes=None, where="", repeats=1):
+        self.files, self.labels, self.classes, self.where = list(files), labels, classes, where
         self.repeats = repeats  # each file counted this many times per epoch (small sets)
+
+    @classmethod
+    def claims(cls, data_path):
+        return True  # the last resort: any other path must be a folder of images
+
+    @classmethod
+    def open(cls, data_path, labelled=False, flag="--data_path"):
+        if labelled:
+            files, labels, classes = class_folders(data_path, flag)
+            return cls(files, labels, classes, where=str(data_path))
+        files = sample_photographs() if data_path is None else find_images(data_path, flag)
+        return cls(files, where="the sample photographs" if data_path is None else str(data_path))
 
     def __len__(self):
         return len(self.files) * self.repeats
 
-    def load(self, index):
-        """(PIL image, files skipped) for `index`, stepping past unreadable files."""
-        for skipped in range(len(self.files)):
-            path = self.files[(index + skipped) % len(self.files)]
-            try:
-                with Image.open(path) as img:
-                    return img.convert(self.mode), skipped
-            except (OSError, ValueError, Image.DecompressionBombError) as err:
-                warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
-        raise RuntimeError("none of the image files could be read")
+    def _record(self, index):
+        index %= len(self.files)
+        label = None if self.labels is None else self.labels[index]
+        return Record(index, label, self.files[index], path=self.files[index])
 
-    def __getitem__(self, key):
-        index, epoch = key[:2]
-        img, skipped = self.load(index % len(self.files))
-        with seeded(derive_seed(self.seed, "sample", epoch, index)):
-            return self.transform(img), skipped
+    def record(self, key):
+        record = self._record(key[0])
+        return record._replace(seed_index=key[0])  # repeats of a file get crops of their own
 
-    def __getitems__(self, keys):
-        return [self[key] for key in keys]
+    def stand_ins(self, record):
+        """The files after an unreadable one, in order, wrapping around."""
+        start = record.seed_index % len(self.files)
+        return (self._record(start + k) for k in range(1, len(self.files)))
+
+    def first_records(self):
+        return (self._record(i) for i in range(len(self.files)))
 
     def batch_sampler(self, batch_size, update_freq, num_processes, rank, seed):
         return StepBatchSampler(len(self), batch_size, update_freq, num_processes, rank, seed)
 
-    def pictures(self, count):
-        """The first `count` readable images, as PIL images (for the reconstruction pictures)."""
-        return [self.load(i)[0] for i in range(min(count, len(self.files)))]
-
-
-class LabelledImages(ImageFiles):
-    """ImageFiles with a class index per file; items are (tensor, label, files skipped). A file
-    that stands in for an unreadable one brings its own label."""
-
-    def __init__(self, files, labels, transform, in_chans=3, seed=0):
-        super().__init__(files, transform, in_chans, seed)
-        self.labels = list(labels)
-
-    def __getitem__(self, key):
-        index, epoch = key[:2]
-        img, skipped = self.load(index)
-        with seeded(derive_seed(self.seed, "sample", epoch, index)):
-            return self.transform(img), self.labels[(index + skipped) % len(self.files)], skipped
+    def evaluation_batches(self, rank, world, batch_size):
+        """A contiguous share (shares differ by at most one image), in batches of (index, 0, 0) keys."""
+        mine = share(len(self), rank, world)
+        return [[(i, 0, 0) for i in mine[s:s + batch_size]] for s in range(0, len(mine), batch_size)]
 
     def relabel(self, mapping):
-        """Rename the class indices: label i becomes mapping[i] (evaluation folders to training classes)."""
         self.labels = [mapping[label] for label in self.labels]
-
-    def evaluation_batches(self, rank, world, batch_size):
-        """This process's contiguous share for an exact evaluation (shares differ by at most one
-        image, nothing padded or counted twice), in batches of (index, 0) keys."""
-        mine = share(len(self), rank, world)
-        return [[(i, 0) for i in mine[s:s + batch_size]] for s in range(0, len(mine), batch_size)]
 
 
 def class_folders(root, flag="--data_path"):

@@ -1,5 +1,5 @@
 """What makes every batch, crop and mask a function of (seed, epoch, position): one seed
-derivation for every random stream, the batch sampler of folders, and per-sample masks."""
+derivation for every random stream, the batch sampler of random-access sources, and per-sample masks."""
 import contextlib
 import random
 
@@ -24,11 +24,12 @@ def derive_seed(seed, stream, *keys):
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Seed torch's, Python's and numpy's global generators inside the block (torchvision and timm
-    transforms draw from all three) and restore them afterwards."""
+    """Seed torch's (CPU), Python's and numpy's global generators inside the block (torchvision and
+    timm transforms draw from all three) and restore them afterwards. Only the CPU generator:
+    torch.manual_seed would also queue a seed for every GPU, which costs more than a crop."""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed & 0xFFFF_FFFF)  # numpy takes 32 bits
         try:
@@ -89,9 +90,10 @@ class StepBatchSampler(torch.utils.data.Sampler):
 
 
 class WithMasks(torch.utils.data.Dataset):
-    """A dataset's items, each with a random patch mask (L,) drawn from (seed, epoch, position):
-    a sample at a given place of an epoch gets the same mask on any number of processes, with any
-    accumulation, before and after a resume. Masks are drawn in the loader's workers."""
+    """A dataset's items (fcmae.data.images.Images), each with a random patch mask (L,) drawn from
+    (seed, epoch, position): a sample at a given place of an epoch gets the same mask on any
+    number of processes, with any accumulation, before and after a resume. Masks are drawn in the
+    loader's workers."""
 
     def __init__(self, dataset, num_patches, mask_ratio, seed):
         self.dataset, self.num_patches, self.mask_ratio, self.seed = dataset, num_patches, mask_ratio, seed
@@ -102,19 +104,17 @@ class WithMasks(torch.utils.data.Dataset):
     def batch_sampler(self, *args, **kwargs):
         return self.dataset.batch_sampler(*args, **kwargs)
 
+    def prepare(self, batch, device):
+        return self.dataset.prepare(batch, device)
+
     def mask(self, key):
-        _, epoch, position = key
+        *_, epoch, position = key
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", epoch, position))
         return random_patch_mask(1, self.num_patches, self.mask_ratio, generator=generator)[0]
 
     def __getitems__(self, keys):
-        items = self.dataset.__getitems__(keys)  # a whole micro-batch: shards replace bad members within it
-        return [(*item, self.mask(key)) for item, key in zip(items, keys)]
+        items = self.dataset.__getitems__(keys)  # a whole micro-batch: bad images are replaced within it
+        return [item._replace(mask=self.mask(key)) for item, key in zip(items, keys)]
 
     def __getitem__(self, key):
         return self.__getitems__([key])[0]
-
-
-class DataError(RuntimeError):
-    """Data that cannot be read mid-run (a shard gone, a batch without one readable image); the
-    message is one sentence."""

@@ -1,12 +1,7 @@
-"""Webdataset tar shards: writing them from a folder, and reading them in an exact, resumable order.
+"""The source of webdataset tar shards: finding them, and reading them in an exact, resumable order
+(fcmae.data.writing writes them).
 
-Writing (`write_shards`, or `python -m fcmae.shards`): each image goes into a shard as stored
-(no re-encoding), with its class index (`cls`) when the folder has class sub-folders; the images
-are shuffled (seeded) first, so that every shard holds a mix of classes. `index.json` beside the
-shards lists each shard with its image count and the class names. Each shard is written under a
-temporary name and renamed when complete, so an interrupted run continues where it stopped.
-
-Reading: --data_path may name a folder of shards with its index, an index file (a path, URL or
+--data_path may name a folder of shards with its index, an index file (a path, URL or
 `pipe:` command; shard names in it are relative to it), or shards themselves (one .tar, a brace
 pattern, a URL, a `pipe:` command), whose counts then come from an index.json beside them or,
 lacking one, from reading the shards once. Each process reads its own share of the shards: in
@@ -18,22 +13,18 @@ by threads, two ahead; the loader's workers decode and augment. A member that is
 image is replaced by the next good one of its micro-batch, with a warning, and counted.
 """
 import concurrent.futures
-import io
 import json
-import os
-import random
 import sys
 import tarfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from fcmae.config import ConfigError
-from fcmae.data.folders import IMG_EXTENSIONS, class_folders, find_images
-from fcmae.data.sampling import DataError, derive_seed, seeded
+from fcmae.data.contract import DataError, Record
+from fcmae.data.folders import IMG_EXTENSIONS
+from fcmae.data.sampling import derive_seed
 
 INDEX = "index.json"
 
@@ -48,67 +39,9 @@ def webdataset():
         raise ConfigError("shards need the webdataset library, which is not installed: "
                           "pip install webdataset") from None
     return webdataset
+
+
 IMAGE_EXTENSIONS = tuple(ext.lstrip(".") for ext in IMG_EXTENSIONS)
-
-
-# ----- writing ---------------------------------------------------------------------------------------
-
-def source_files(src):
-    """(files, labels or None, class names or None) of a folder: labelled when it holds class folders only."""
-    root = Path(src)
-    has_loose_images = any(p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS) for p in root.iterdir())
-    if not has_loose_images and any(p.is_dir() for p in root.iterdir()):
-        try:
-            files, labels, classes = class_folders(root, flag="SRC")
-            return files, labels, classes
-        except ConfigError:
-            pass
-    return find_images(root), None, None
-
-
-def write_shards(src, out, per_shard=1000, shuffle=True, seed=0, prefix="shard", say=print):
-    """Write the images of folder `src` as shards in `out` with their index; returns the index.
-    A second call with the same arguments continues an interrupted one."""
-    if not Path(src).is_dir():
-        raise ConfigError(f"SRC {src} is not a folder of images")
-    files, labels, classes = source_files(src)
-    order = list(range(len(files)))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = {"src": str(Path(src).resolve()), "images": len(files), "per_shard": per_shard, "shuffle": shuffle,
-            "seed": seed, "prefix": prefix}
-    plan_file = out / ".plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
-        raise ConfigError(f"{out} holds shards written with other settings ({plan_file}); write to another folder "
-                          "or delete it")
-    plan_file.write_text(json.dumps(plan))
-    chunks = [order[i:i + per_shard] for i in range(0, len(order), per_shard)]
-    digits = max(6, len(str(len(chunks) - 1)))
-    entries, tic = [], time.perf_counter()
-    for number, chunk in enumerate(chunks):
-        name = f"{prefix}-{number:0{digits}d}.tar"
-        entries.append({"url": name, "images": len(chunk)})
-        if (out / name).is_file():
-            continue  # written by an earlier, interrupted call
-        partial = out / f".{name}.partial"
-        with webdataset().TarWriter(str(partial)) as sink:
-            for i in chunk:
-                path = Path(files[i])
-                sample = {"__key__": f"{i:09d}", path.suffix.lower().lstrip("."): path.read_bytes()}
-                if labels is not None:
-                    sample["cls"] = str(labels[i]).encode()
-                sink.write(sample)
-        os.replace(partial, out / name)
-        done = sum(e["images"] for e in entries)
-        say(f"{name}: shard {number + 1} of {len(chunks)}, {done} of {len(files)} images, "
-            f"{done / (time.perf_counter() - tic):.0f} images/s")
-    index = {"format": "fcmae-shards", "images": len(files), "shards": entries, "classes": classes}
-    partial = out / f".{INDEX}.partial"
-    partial.write_text(json.dumps(index, indent=1))
-    os.replace(partial, out / INDEX)
-    return index
 
 
 # ----- finding shards --------------------------------------------------------------------------------
@@ -305,73 +238,54 @@ class ShardBatchSampler:
                             batch = []
 
 
-class ShardImages(torch.utils.data.Dataset):
-    """Shard samples as augmented tensors, like data.ImageFiles (labelled: like LabelledImages).
+class ShardSource:
+    """The source of shards (see the module's text): keys are (sample, epoch, position), the
+    sample read by the sampler in the main process, its image bytes included."""
 
-    Items come in micro-batches (`__getitems__`), so that a member that is not a readable image
-    can be replaced by the next good one of its batch, deterministically; each item returns how
-    many it replaced. `label_map` renames class indices (evaluation shards to training classes)."""
-
-    def __init__(self, shards, transform, in_chans=3, seed=0, labelled=False, label_map=None):
+    def __init__(self, shards, labelled=False):
         if labelled and shards.classes is None:
             raise ConfigError(f"the shards of {shards.where} carry no class labels (written from a folder without "
                               "class sub-folders)")
-        self.shards, self.transform, self.seed, self.labelled = shards, transform, seed, labelled
-        self.mode = "RGB" if in_chans == 3 else "L"
-        self.label_map = label_map
+        self.shards, self.where, self.labelled = shards, shards.where, labelled
+        self.classes = shards.classes
+        self.label_map = None
+
+    @classmethod
+    def claims(cls, data_path):
+        return data_path is not None and is_shard_source(data_path)
+
+    @classmethod
+    def open(cls, data_path, labelled=False, flag="--data_path"):
+        return cls(Shards.open(data_path), labelled)
 
     def __len__(self):
         return self.shards.images
 
+    def record(self, key):
+        sample = key[0]
+        label = sample["cls"] if self.labelled else None
+        if label is not None and self.label_map is not None:
+            label = self.label_map[label]
+        name = f"member {sample['index']:09d} of the shards of {self.where}"
+        # a member without an image, or the filling of a shard that ended early: unreadable
+        return Record(sample["index"], label, name, data=sample["image"] or b"")
+
+    def stand_ins(self, record):
+        return ()  # a stream: only the other members of the micro-batch can stand in
+
     def batch_sampler(self, batch_size, update_freq, num_processes, rank, seed):
         if len(self.shards.urls) < num_processes:
-            raise ConfigError(f"{self.shards.where} has {len(self.shards.urls)} shard(s) for {num_processes} "
+            raise ConfigError(f"{self.where} has {len(self.shards.urls)} shard(s) for {num_processes} "
                               "processes, and every process reads whole shards; write smaller shards (--per_shard)")
         return ShardBatchSampler(self.shards, batch_size, update_freq, num_processes, rank, seed)
 
     def relabel(self, mapping):
-        """Rename the class indices: label i becomes mapping[i] (evaluation shards to training classes)."""
         self.label_map = list(mapping)
 
-    def decode(self, sample):
-        if sample["image"] is None:
-            return None
-        try:
-            with Image.open(io.BytesIO(sample["image"])) as img:
-                return img.convert(self.mode)
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
-            warnings.warn(f"skipping member {sample['index']:09d} of the shards, not a readable image: {err}",
-                          stacklevel=2)
-            return None
-
-    def __getitems__(self, keys):
-        images = [self.decode(sample) for sample, _, _ in keys]
-        good = [i for i, img in enumerate(images) if img is not None]
-        if not good:
-            raise DataError(f"no member of a batch of {len(keys)} from the shards of {self.shards.where} is a "
-                            "readable image")
-        items = []
-        for i, (sample, epoch, _) in enumerate(keys):
-            stand_in = next(j for j in good if j >= i) if any(j >= i for j in good) else good[0]
-            used = keys[stand_in][0]
-            with seeded(derive_seed(self.seed, "sample", epoch, used["index"])):
-                tensor = self.transform(images[stand_in])
-            skipped = int(stand_in != i)
-            if self.labelled:
-                label = used["cls"] if self.label_map is None else self.label_map[used["cls"]]
-                items.append((tensor, label, skipped))
-            else:
-                items.append((tensor, skipped))
-        return items
-
-    def __getitem__(self, key):
-        return self.__getitems__([key])[0]
-
-    def pictures(self, count):
-        """The first `count` readable images of the first shard, as PIL images."""
+    def first_records(self):
+        """The records of the first shard."""
         samples = read_shard(self.shards.urls[0], self.shards.counts[0])
-        images = [img for img in map(self.decode, samples[:count * 2]) if img is not None]
-        return images[:count]
+        return (self.record((sample, 0, 0)) for sample in samples)
 
     def evaluation_batches(self, rank, world, batch_size):
         """This process's share for an exact evaluation: its shards (every world-th, in index

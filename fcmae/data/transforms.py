@@ -1,42 +1,34 @@
 """Image transforms: the pretraining augmentation, the fine-tuning and evaluation transforms
-(timm's), the picture view, and the normalisations they share."""
+(timm's), the picture view, and the normalisation on the device.
+
+A transform runs in a loader worker on an image that is opened but not decoded yet, inside the
+sample's seeded block: it draws its random crop and flip first, from the same generators and in
+the same order as torchvision's and timm's transforms, and only then asks the decoder for the
+pixels, so that a decoder can decode no more than the crop needs (see fcmae.data.decoders).
+
+Which paths ship uint8 to the main process (4x less to copy; converted and normalised on the
+device, inside the step, by `to_device`): pretraining and evaluation. Fine-tuning's training
+transform ships float32 normalised images, because RandAugment's fill, random erasing and
+colour jitter work after the normalisation; the reconstruction pictures are float32 too.
+"""
+import random
+
+import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, create_transform
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 from fcmae.config import ConfigError
+from fcmae.data.contract import Crop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BICUBIC = transforms.InterpolationMode.BICUBIC
 
 
 def normalization(in_chans):
     """(mean, std) for RGB (ImageNet's) or greyscale images (the mean of ImageNet's three)."""
     return (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.449,), (0.226,))
-
-
-def pretrain_transform(input_size, in_chans=3):
-    """The official FCMAE augmentation: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise."""
-    if in_chans not in (1, 3):
-        raise ConfigError(f"image folders give 1 (greyscale) or 3 (RGB) channels; --in_chans is {in_chans}")
-    mean, std = normalization(in_chans)
-    return transforms.Compose([
-        transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0),
-                                     interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
-
-
-def view_transform(input_size, in_chans=3):
-    """Deterministic resize + centre crop, for the reconstruction pictures."""
-    mean, std = normalization(in_chans)
-    return transforms.Compose([
-        transforms.Resize(input_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-    ])
 
 
 def mean_std(imagenet_default_mean_and_std=True, in_chans=3):
@@ -46,19 +38,115 @@ def mean_std(imagenet_default_mean_and_std=True, in_chans=3):
     return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 
 
-def finetune_transform(input_size, mean, std, auto_augment=None, color_jitter=None, interpolation="bicubic",
-                       reprob=0.0, remode="pixel", recount=1):
-    """timm's training transform: RandomResizedCrop, flip, RandAugment / colour jitter, random erasing."""
-    return create_transform(input_size, is_training=True, auto_augment=auto_augment, color_jitter=color_jitter,
-                            interpolation=interpolation, re_prob=reprob, re_mode=remode, re_count=recount,
-                            mean=mean, std=std)
+def image_mode(in_chans):
+    if in_chans not in (1, 3):
+        raise ConfigError(f"image files give 1 (greyscale) or 3 (RGB) channels; --in_chans is {in_chans}")
+    return "RGB" if in_chans == 3 else "L"
 
 
-def eval_transform(input_size, mean, std, crop_pct=None):
+def pair(size):
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
+def to_device(images, device, mean, std):
+    """A batch as the model takes it: uint8 images become float32 normalised on `device`, as
+    ToTensor + Normalize compute them in a worker (the same operations, so the same values);
+    float images (already normalised) are only moved."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+class PretrainTransform:
+    """The official FCMAE augmentation: RandomResizedCrop(scale 0.2-1, ratio 3/4-4/3, bicubic) and a
+    horizontal flip with probability 0.5, drawn as torchvision's RandomResizedCrop and
+    RandomHorizontalFlip draw them; ships uint8."""
+    scale, ratio = (0.2, 1.0), (3 / 4, 4 / 3)
+
+    def __init__(self, input_size, in_chans=3):
+        self.mode = image_mode(in_chans)
+        self.size = pair(input_size)
+        self.mean, self.std = normalization(in_chans)
+
+    def plan(self, img):
+        box = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        return Crop(box, self.size, bool(torch.rand(1) < 0.5), BICUBIC)
+
+    def __call__(self, img, record, decoder):
+        return decoder.crop(img, record, self.plan(img), self.mode)
+
+
+class FinetuneTransform:
+    """timm's training transform (RandomResizedCrop with its interpolation, flip, RandAugment or
+    colour jitter, normalisation, random erasing), with its crop and flip drawn before decoding;
+    ships float32."""
+
+    def __init__(self, input_size, mean, std, auto_augment=None, color_jitter=None, interpolation="bicubic",
+                 reprob=0.0, remode="pixel", recount=1, in_chans=3):
+        self.mode = image_mode(in_chans)
+        self.mean, self.std = mean, std
+        primary, secondary, final = create_transform(
+            input_size, is_training=True, auto_augment=auto_augment, color_jitter=color_jitter,
+            interpolation=interpolation, re_prob=reprob, re_mode=remode, re_count=recount, mean=mean, std=std,
+            separate=True)
+        self.rrc, flip = primary.transforms
+        assert isinstance(self.rrc, RandomResizedCropAndInterpolation)
+        assert isinstance(flip, transforms.RandomHorizontalFlip)
+        self.flip_p = flip.p
+        self.after_crop = transforms.Compose(secondary.transforms + final.transforms)
+
+    def plan(self, img):
+        rrc = self.rrc
+        box = rrc.get_params(img, rrc.scale, rrc.ratio)
+        choices = rrc.interpolation
+        interpolation = random.choice(choices) if isinstance(choices, (tuple, list)) else choices
+        return Crop(box, rrc.size, bool(torch.rand(1) < self.flip_p), interpolation)
+
+    def __call__(self, img, record, decoder):
+        return self.after_crop(decoder.crop_pil(img, self.plan(img), self.mode))
+
+
+class EvalTransform:
+    """The official evaluation (see `eval_transform`), decoded at the smallest scale that keeps the
+    resize's resolution; ships uint8."""
+
+    def __init__(self, input_size, mean, std, crop_pct=None, in_chans=3):
+        self.mode = image_mode(in_chans)
+        self.mean, self.std = mean, std
+        self.transform = eval_transform(input_size, mean, std, crop_pct, uint8=True)
+        self.resize = self.transform.transforms[0]
+
+    def most(self, img):
+        """How far the image may be reduced before the resize without losing resolution."""
+        width, height = img.size
+        if isinstance(self.resize.size, int):
+            return min(width, height) / self.resize.size
+        return min(height / self.resize.size[0], width / self.resize.size[1])
+
+    def __call__(self, img, record, decoder):
+        return self.transform(decoder.whole(img, self.mode, self.most(img)))
+
+
+def eval_transform(input_size, mean, std, crop_pct=None, uint8=False):
     """As the official evaluation: resize to input_size / crop_pct (crop_pct 0.875 by default)
-    and centre-crop, bicubic; at 384 pixels and above a plain resize to input_size."""
+    and centre-crop, bicubic; at 384 pixels and above a plain resize to input_size. A PIL image
+    in, a normalised float tensor out (uint8=True: a uint8 tensor, normalised by `to_device`)."""
     if input_size >= 384:
         return create_transform(input_size, is_training=False, interpolation="bicubic", mean=mean, std=std,
-                                crop_pct=1.0, crop_mode="squash")
+                                crop_pct=1.0, crop_mode="squash", use_prefetcher=uint8)
     return create_transform(input_size, is_training=False, interpolation="bicubic", mean=mean, std=std,
-                            crop_pct=crop_pct or 0.875, crop_mode="center")
+                            crop_pct=crop_pct or 0.875, crop_mode="center", use_prefetcher=uint8)
+
+
+def view_transform(input_size, in_chans=3):
+    """Deterministic resize + centre crop of a PIL image, for the reconstruction pictures."""
+    mean, std = normalization(in_chans)
+    return transforms.Compose([
+        transforms.Resize(input_size, interpolation=BICUBIC),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from fcmae.config import ConfigError, number, str2bool
+from fcmae.data.decoders import DECODERS, DEFAULT_DECODER
 from fcmae.models import ENCODER_STRIDE, list_models
 
 # (key, title) of the help's groups, in order
@@ -67,6 +68,8 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
     g.add_argument("--data_path", default=None, help=data_help)
     g.add_argument("--num_workers", default=10, type=COUNT, help="DataLoader worker processes per process "
                    "(size them with python -m fcmae.bench --data PATH)")
+    g.add_argument("--decoder", default=DEFAULT_DECODER, choices=list(DECODERS),
+                   help="how images are decoded: " + "; ".join(f"{k}: {v}" for k, (_, v) in DECODERS.items()))
     g.add_argument("--pin_mem", default=True, type=str2bool, help="pinned host memory for faster copies to the GPU")
 
     g = groups["checkpoints"]

@@ -25,7 +25,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from fcmae.config import ConfigError
-from fcmae.data import DataError, derive_seed
+from fcmae.data import DataError, collate, derive_seed
 from fcmae.optim import cosine_lr, set_lr
 from fcmae.training.checkpoint import TrainState, check_fits, latest_checkpoint, save_checkpoint
 
@@ -83,6 +83,7 @@ class Run:
         # steps whose losses the host has not read yet: (global step, lr, loss on the device, files skipped)
         self.pending = []
         self.tic, self.timed_from, self.images_per_s = time.perf_counter(), 0, 0.0
+        self.evaluation_loaders = {}  # id(dataset) -> DataLoader
 
     @property
     def device(self):
@@ -170,15 +171,21 @@ class Run:
 
     # ----- the loop ----------------------------------------------------------------------------
 
-    def loader(self, dataset):
-        """(batch sampler, DataLoader) for the whole run: the workers persist across epochs and
-        the sampler is told each epoch (and the step it starts at) with `set_epoch`."""
+    def loader(self, dataset, batch_sampler):
+        """A DataLoader of `dataset`'s Items whose workers persist: across epochs for training (the
+        sampler is told each epoch, and the step it starts at, with `set_epoch`), across
+        evaluations for an evaluation's fixed batches."""
         args = self.args
-        sampler = self.batch_sampler(dataset)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.num_workers,
-                                             pin_memory=args.pin_mem and self.device.type == "cuda",
-                                             persistent_workers=args.num_workers > 0)
-        return sampler, loader
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers,
+                                           pin_memory=args.pin_mem and self.device.type == "cuda",
+                                           persistent_workers=args.num_workers > 0, collate_fn=collate)
+
+    def evaluation_loader(self, dataset):
+        """The loader of this process's share of `dataset` for an exact evaluation, made once."""
+        if id(dataset) not in self.evaluation_loaders:
+            batches = dataset.evaluation_batches(self.rank, self.world, self.args.batch_size)
+            self.evaluation_loaders[id(dataset)] = self.loader(dataset, batches)
+        return self.evaluation_loaders[id(dataset)]
 
     def fit(self, model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode=None,
             after_step=None, end_epoch=None):
@@ -198,7 +205,8 @@ class Run:
         train_mode = train_mode or model.train
         progress = tqdm(total=schedule.last_step, initial=state.global_step, disable=not self.main_process,
                         desc=self.name, dynamic_ncols=True)
-        sampler, loader = self.loader(dataset)
+        sampler = self.batch_sampler(dataset)
+        loader = self.loader(dataset, sampler)
         stopped = state.global_step >= schedule.last_step
         while state.epoch < schedule.epochs and not stopped:
             epoch = state.epoch

@@ -2,27 +2,24 @@
 
 Each process evaluates its own share of the images (`dataset.evaluation_batches`: a contiguous
 share of a folder, every world-th shard of shards; nothing padded or counted twice) and the sums
-are added up across processes once.
+are added up across processes once. The loader is made once per dataset, so its workers persist
+from one evaluation to the next.
 """
 import torch
 import torch.nn.functional as F
 
 
-def evaluate(run, model, dataset, batch_size=None):
+def evaluate(run, model, dataset):
     """{"acc1", "acc5" (percent), "loss" (mean cross-entropy), "images"} of `model` (unwrapped)."""
-    args = run.args
-    batch_size = batch_size or args.batch_size
-    batches = dataset.evaluation_batches(run.rank, run.world, batch_size)
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=args.num_workers,
-                                         pin_memory=args.pin_mem and device.type == "cuda")
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=run.device)  # top-1 hits, top-5 hits, loss sum, images
     with torch.no_grad(), run.accelerator.autocast():
-        for imgs, labels, _ in loader:
-            logits = model(imgs.to(device, non_blocking=True)).float()
-            labels = labels.to(device)
+        for batch in run.evaluation_loader(dataset):  # its workers persist across evaluations
+            imgs, _ = dataset.prepare(batch, device)
+            logits = model(imgs).float()
+            labels = batch.label.to(device)
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
             sums += torch.stack([top[:, 0].sum().double(), top.any(dim=1).sum().double(),
                                  F.cross_entropy(logits, labels, reduction="sum").double(),

@@ -1,0 +1,104 @@
+"""A source's images as a torch dataset: each record opened, augmented from its sample's seed,
+decoded, and batched as `Item`s; unreadable images replaced and counted."""
+import itertools
+import warnings
+
+import torch
+from PIL import Image
+
+from fcmae.data.contract import DataError, Item
+from fcmae.data.decoders import FullDecoder, ScaledDecoder
+from fcmae.data.sampling import derive_seed, seeded
+from fcmae.data.transforms import to_device
+
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class Images(torch.utils.data.Dataset):
+    """Items of `source` (see fcmae.data.contract): `transform` draws each sample's crop from
+    (seed, epoch, the sample's seed index) and `decoder` decodes it.
+
+    Items come in micro-batches (`__getitems__`). An unreadable image is skipped with a warning
+    naming it; what stands in for it is, in this order, the images the source offers after it
+    (a folder's next files) and the next readable image of its micro-batch. The stand-in is
+    augmented with the seed of the image it replaces and keeps its own label; each item says
+    how many images it stood in for, so the training loop can count them.
+    """
+
+    def __init__(self, source, transform, decoder=None, seed=0):
+        self.source, self.transform, self.seed = source, transform, seed
+        self.decoder = decoder or ScaledDecoder()
+
+    def __len__(self):
+        return len(self.source)
+
+    @property
+    def classes(self):
+        return self.source.classes
+
+    def batch_sampler(self, batch_size, update_freq, num_processes, rank, seed):
+        return self.source.batch_sampler(batch_size, update_freq, num_processes, rank, seed)
+
+    def evaluation_batches(self, rank, world, batch_size):
+        return self.source.evaluation_batches(rank, world, batch_size)
+
+    def relabel(self, mapping):
+        self.source.relabel(mapping)
+
+    def load(self, record, seed_index, epoch):
+        """`record` transformed with the augmentation of (epoch, seed_index); None when unreadable."""
+        try:
+            with seeded(derive_seed(self.seed, "sample", epoch, seed_index)), record.open() as img:
+                return self.transform(img, record, self.decoder)
+        except UNREADABLE as err:
+            warnings.warn(f"skipping unreadable image {record.name}: {err}", stacklevel=2)
+            return None
+
+    def __getitems__(self, keys):
+        records = [self.source.record(key) for key in keys]
+        bad = set()  # batch positions known unreadable: each is read once
+        items = []
+        for i, key in enumerate(keys):
+            epoch, seed_index = key[-2], records[i].seed_index
+            later = [j for j in itertools.chain(range(i + 1, len(keys)), range(i)) if j not in bad]
+            candidates = itertools.chain([(i, records[i])], ((None, r) for r in self.source.stand_ins(records[i])),
+                                         ((j, records[j]) for j in later))
+            for skipped, (j, record) in enumerate(candidates):
+                if j in bad:
+                    continue
+                image = self.load(record, seed_index, epoch)
+                if image is not None:
+                    break
+                if j is not None:
+                    bad.add(j)
+            else:
+                raise DataError(f"no image of a micro-batch of {len(keys)} from {self.source.where} is readable, "
+                                f"nor any that could stand in for them")
+            items.append(Item(image, -1 if record.label is None else record.label, skipped))
+        return items
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def prepare(self, batch, device):
+        """(the batch's images as the model takes them, on `device`; images skipped in the batch).
+        uint8 images are converted and normalised there; an on-device decoder decodes first."""
+        images, skipped = batch.image, int(batch.skipped.sum())
+        if self.decoder.on_device:
+            images, failed = self.decoder.decode_batch(images, device)
+            skipped += failed
+        return to_device(images, device, self.transform.mean, self.transform.std), skipped
+
+    def pictures(self, count):
+        """The first `count` readable images, whole, as PIL images (for the reconstruction pictures)."""
+        pictures = []
+        for record in itertools.islice(self.source.first_records(), 4 * count):
+            try:
+                with record.open() as img:
+                    pictures.append(FullDecoder().whole(img, self.transform.mode))
+            except UNREADABLE:
+                continue
+            if len(pictures) == count:
+                break
+        return pictures
+
