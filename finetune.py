@@ -136,6 +136,9 @@ def check_args(args):
     if mixup_active(args) and args.batch_size % 2:
         raise ConfigError(f"mixup / cutmix pair each batch with its reverse, so --batch_size must be even, "
                           f"got {args.batch_size}")
+    if args.decoder == "dali":
+        raise ConfigError("--decoder dali decodes pretraining's crops on the GPU; fine-tuning's augmentation and "
+                          "evaluation work on images decoded on the CPU: use --decoder scaled (the default) or full")
     if args.eval and args.disable_eval:
         raise ConfigError("--eval true and --disable_eval true contradict each other")
 

@@ -87,13 +87,15 @@ def test_items_and_batches_are_one_type_for_pretraining_and_fine_tuning(photos):
     pretraining = WithMasks(open_images(photos, PretrainTransform(32)), num_patches=1, mask_ratio=0.0, seed=0)
     finetuning = open_images(labelled, FinetuneTransform(32, mean, std), labelled=True)
     evaluation = open_images(labelled, EvalTransform(32, mean, std), labelled=True)
+    shipped = {torch.uint8: (2, 32, 32, 3), torch.float32: (2, 3, 32, 32)}  # uint8 channels last
     for dataset, dtype in ((pretraining, torch.uint8), (finetuning, torch.float32), (evaluation, torch.uint8)):
         batch = batch_of(dataset, [(0, 0, 0), (1, 0, 1)])
         assert type(batch) is type(dataset.__getitems__([(0, 0, 0)])[0])  # Item, batched or not
-        assert batch.image.dtype == dtype and batch.image.shape == (2, 3, 32, 32)
+        assert batch.image.dtype == dtype and batch.image.shape == shipped[dtype]
         assert batch.label.dtype == torch.long and batch.skipped.tolist() == [0, 0]
         images, skipped = dataset.prepare(batch, torch.device("cpu"))
-        assert images.dtype == torch.float32 and skipped == 0
+        assert images.dtype == torch.float32 and images.shape == (2, 3, 32, 32) and images.is_contiguous()
+        assert skipped == 0
     assert batch_of(pretraining, [(0, 0, 0)]).label.tolist() == [-1]  # unlabelled
     assert batch_of(pretraining, [(0, 0, 0)]).mask.shape == (1, 1)
     assert batch_of(finetuning, [(0, 0, 0), (3, 0, 1)]).label.tolist() == [0, 1]  # class folders a, a, b, b
@@ -239,7 +241,7 @@ def test_unusual_and_broken_images_through_every_decoder(odd_images, decoder, in
     said = " ".join(str(w.message) for w in warned)
     unreadable = ("corrupt.jpg", "notes.jpg", "truncated.jpg")
     assert all(name in said for name in unreadable)
-    assert batch.image.shape == (len(names), in_chans, 64, 64) and batch.image.dtype == torch.uint8
+    assert batch.image.shape == (len(names), 64, 64, in_chans) and batch.image.dtype == torch.uint8
     assert int(batch.skipped.sum()) == 3  # each stood in for by the next file, none of them unreadable
     if decoder == "scaled":  # the readable odd JPEGs are decoded at reduced scale, close to the full decode
         full = open_images(odd_images, PretrainTransform(64, in_chans), decoder=FullDecoder())

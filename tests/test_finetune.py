@@ -408,6 +408,7 @@ def test_weights_for_another_size(data, encoder_file, capsys, tmp_path):
     (["--model_ema", "maybe"], "expected true or false, got 'maybe'"),
     (["--crop_pct", "1.5"], r"--crop_pct must be in \(0, 1\]"),
     (["--eval", "true", "--disable_eval", "true"], "contradict"),
+    (["--decoder", "dali"], "--decoder dali decodes pretraining's crops on the GPU; .* use --decoder scaled"),
 ])
 def test_bad_arguments_stop_with_one_sentence(data, args, message, capsys):
     defaults = ["--data_path", str(data), "--nb_classes", "3"]

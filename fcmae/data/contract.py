@@ -62,9 +62,10 @@ class Crop(NamedTuple):
 class Item(NamedTuple):
     """One sample, or a batch of them (`collate`): the same type for pretraining and fine-tuning.
 
-    image: uint8 (C, H, W) for the paths that ship uint8 (pretraining, evaluation), float32
-        normalised for fine-tuning's training transform (RandAugment and random erasing work on
-        other types), or what an on-device decoder decodes in the main process (see decoders);
+    image: uint8 (H, W, C) for the paths that ship uint8 (pretraining, evaluation), float32
+        (C, H, W) normalised for fine-tuning's training transform (RandAugment and random erasing
+        work on other types), or what an on-device decoder decodes in the main process (see
+        fcmae.data.decoders); fcmae.data.transforms.to_device makes all of them the model's input;
     label: the class index, -1 when unlabelled (a LongTensor in a batch);
     skipped: how many unreadable images this one stands in for (0 or more);
     mask: the patch mask (L,) of pretraining (None elsewhere).

@@ -84,7 +84,7 @@ class Images(torch.utils.data.Dataset):
         """(the batch's images as the model takes them, on `device`; images skipped in the batch).
         uint8 images are converted and normalised there; an on-device decoder decodes first."""
         images, skipped = batch.image, int(batch.skipped.sum())
-        if self.decoder.on_device:
+        if not isinstance(images, torch.Tensor):  # what an on-device decoder shipped undecoded
             images, failed = self.decoder.decode_batch(images, device)
             skipped += failed
         return to_device(images, device, self.transform.mean, self.transform.std), skipped

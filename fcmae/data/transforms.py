@@ -15,11 +15,12 @@ import random
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD, create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
 from torchvision import transforms
 
 from fcmae.config import ConfigError
 from fcmae.data.contract import Crop
+from fcmae.data.decoders.pil import to_tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,15 +50,15 @@ def pair(size):
 
 
 def to_device(images, device, mean, std):
-    """A batch as the model takes it: uint8 images become float32 normalised on `device`, as
-    ToTensor + Normalize compute them in a worker (the same operations, so the same values);
-    float images (already normalised) are only moved."""
+    """A batch as the model takes it, (N, C, H, W) float32 on `device`: uint8 (N, H, W, C) images
+    are converted and normalised there, with the operations of ToTensor + Normalize (so the same
+    values as in a worker); float images (already normalised) are only moved."""
     images = images.to(device, non_blocking=True)
     if images.dtype != torch.uint8:
         return images
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
-    return images.float().div_(255).sub_(mean).div_(std)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device)
+    return images.float().div_(255).sub_(mean).div_(std).permute(0, 3, 1, 2).contiguous()
 
 
 class PretrainTransform:
@@ -116,8 +117,10 @@ class EvalTransform:
     def __init__(self, input_size, mean, std, crop_pct=None, in_chans=3):
         self.mode = image_mode(in_chans)
         self.mean, self.std = mean, std
-        self.transform = eval_transform(input_size, mean, std, crop_pct, uint8=True)
-        self.resize = self.transform.transforms[0]
+        *steps, last = eval_transform(input_size, mean, std, crop_pct, uint8=True).transforms
+        assert isinstance(last, MaybePILToTensor)  # replaced: ours ships channels last
+        self.resize_crop = transforms.Compose(steps)
+        self.resize = steps[0]
 
     def most(self, img):
         """How far the image may be reduced before the resize without losing resolution."""
@@ -127,7 +130,7 @@ class EvalTransform:
         return min(height / self.resize.size[0], width / self.resize.size[1])
 
     def __call__(self, img, record, decoder):
-        return self.transform(decoder.whole(img, self.mode, self.most(img)))
+        return to_tensor(self.resize_crop(decoder.whole(img, self.mode, self.most(img))))
 
 
 def eval_transform(input_size, mean, std, crop_pct=None, uint8=False):

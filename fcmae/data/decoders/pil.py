@@ -12,8 +12,8 @@ IDCT; measured on 12-megapixel JPEGs on the 2-core development machine they deco
 speed (the entropy decoding of the whole file dominates), and Pillow is already here and keeps
 the colour conversion of the full path.
 """
+import numpy as np
 import torch
-from PIL import Image
 from torchvision.transforms import functional as F
 
 REDUCTIONS = (8, 4, 2)  # the DCT scales Pillow's JPEG decoder offers, largest first
@@ -28,8 +28,11 @@ def load(img, mode):
 
 
 def to_tensor(img):
-    """A PIL image as a uint8 (C, H, W) tensor."""
-    return F.pil_to_tensor(img)
+    """A PIL image as a uint8 (H, W, C) tensor. Channels last, as decoded: stacking these into a
+    batch is a plain copy, where (C, H, W) views would make the collate transpose every image
+    (1.5 ms for 224x224 RGB on one core: a quarter of the whole pipeline)."""
+    array = np.array(img)
+    return torch.from_numpy(array if array.ndim == 3 else array[..., None])
 
 
 class FullDecoder:
@@ -60,7 +63,7 @@ class FullDecoder:
         return F.hflip(out) if crop.flip else out
 
     def crop(self, img, record, crop, mode):
-        """`crop` of `img` as a uint8 (C, H, W) tensor (on-device decoders return what they decode later)."""
+        """`crop` of `img` as a uint8 (H, W, C) tensor (on-device decoders return what they decode later)."""
         return to_tensor(self.crop_pil(img, crop, mode))
 
 
