@@ -11,6 +11,7 @@ from PIL import Image
 from timm.data import create_transform
 from torchvision import transforms
 
+from fcmae.config import ConfigError
 from fcmae.data import (
     DECODERS, EvalTransform, FinetuneTransform, FolderSource, FullDecoder, Images, PretrainTransform, ScaledDecoder,
     Source, TrainSampler, WithMasks, collate, derive_seed, eval_transform, get_decoder, normalization, open_images,
@@ -79,6 +80,8 @@ def test_sources_and_samplers_satisfy_the_contract(photos, tmp_path):
         assert isinstance(source, Source)
         assert isinstance(source.batch_sampler(2, 1, 1, 0, seed=0), TrainSampler)
     assert type(open_source(None)) is FolderSource and "sample photographs" in open_source(None).where
+    with pytest.raises(ConfigError, match="--repeats works with folders of images only, not with .*index.json; write"):
+        open_images(tmp_path / "s", PretrainTransform(32), repeats=2)
 
 
 def test_items_and_batches_are_one_type_for_pretraining_and_fine_tuning(photos):

@@ -22,7 +22,7 @@ def open_images(data_path, transform, seed=0, repeats=1, decoder=None, labelled=
     source = open_source(data_path, labelled, flag)
     if repeats != 1:
         if not hasattr(source, "repeats"):
-            raise ConfigError(f"--repeats works with folders of images only, not with {type(source).__name__}; "
-                              "write the data with the images repeated instead")
+            raise ConfigError(f"--repeats works with folders of images only, not with {source.where}; write the "
+                              "data with the images repeated instead")
         source.repeats = repeats
     return Images(source, transform, decoder, seed)
