@@ -12,7 +12,10 @@ not end in time is cut off and reported as not measured):
 2. the exactness tests on the GPU: tests/test_backends.py and tests/test_minkowski.py, their CUDA
    cases (backends agree with dense to the CPU tolerances), where pytest is installed;
 3. the input pipeline on a folder of synthetic JPEG photographs it writes (ImageNet-like size
-   and file size) and on the same images as webdataset shards, at several worker counts;
+   and file size) and on the same images as webdataset shards, at several worker counts: images/s
+   of one process (one GPU) with the `scaled` decoder (Pillow in the workers, the CPU path) and,
+   where NVIDIA DALI imports, the `dali` decoder (nvJPEG and the hardware decoder in the main
+   process), at the same worker counts; without DALI the table says why it is left out;
 4. 200 steps of pretrain.py (base, batch 128, bf16) on that folder, loader included;
 5. the same table compiled (torch.compile), base first (minkowski cannot be compiled).
 
@@ -27,6 +30,26 @@ and run, with `.whl` carried and a timeout of about 540 s,
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
     PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/run.py $OUT/gpu
 The summary is well under 1 MB.
+
+The dali rows need DALI there too. Its wheels (nvidia-dali-cuda130, for CUDA 13 drivers, and what
+it needs that the machine lacks) are about 270 MB, over the 64 MiB that one call carries, so they
+travel in parts, one per call, into /tmp of a machine kept warm between the calls (it goes back
+after about 30 s idle: make the calls one after the other). Here:
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux2014_x86_64 \
+        -d /tmp/dali_whl nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 \
+        nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.3.2.43 nvidia-nvjpeg2k-cu13==0.11.0.51 \
+        nvidia-nvtiff-cu13==0.8.0.82 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0 astunparse==1.6.3 \
+        gast==0.7.0 optree==0.20.0
+    tar -cf - -C /tmp dali_whl | split -b 56M - /tmp/dali_part.     # 5 parts
+    echo /.dali/ >> .git/info/exclude
+then for each part in turn: empty .dali, copy that one part into it, and run, with `.dali` carried,
+    mkdir -p /tmp/dali && cp .dali/dali_part.* /tmp/dali/
+and last, with `.whl` carried, the run above with the DALI wheels added to the install:
+    cat /tmp/dali/dali_part.* | tar -xf - -C /tmp && \
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl /tmp/dali_whl/*.whl && \
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/run.py $OUT/gpu
+(six, numpy, packaging, pyyaml and typing-extensions, which DALI needs too, are there already.)
 """
 import argparse
 import importlib.util
@@ -51,7 +74,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from fcmae import bench  # noqa: E402  (the checkout, not an installed copy)
-from fcmae.data import write_shards  # noqa: E402
+from fcmae.config import ConfigError  # noqa: E402
+from fcmae.data import get_decoder, write_shards  # noqa: E402
 from fcmae.models.backends import minkowski  # noqa: E402
 
 FULL = dict(device="cuda", precision="bf16", input_size=224,
@@ -154,6 +178,24 @@ def pretrain_run(plan, data, repeats, out, deadline):
     return {**record, "steps_done": int(match.group(1)), "images_per_s": float(match.group(2))}
 
 
+def loader_decoders():
+    """The decoders of the loader table: scaled (Pillow in the workers: the CPU path) and dali where
+    DALI imports; and why dali is left out (None when it is not)."""
+    try:
+        get_decoder("dali")
+    except ConfigError as err:
+        return ["scaled"], str(err)
+    return ["scaled", "dali"], None
+
+
+def loader_rates(plan, data, decoder):
+    """`fcmae.bench`'s loader records of `decoder` on `data` at the plan's worker counts."""
+    return bench.bench_loader(bench.parse_args([
+        "--data", str(data), "--input_size", str(plan["input_size"]), "--batch_size",
+        str(plan["pretrain"]["batch_size"]), "--batches", str(plan["loader_batches"]), "--decoder", decoder,
+        "--num_workers", *map(str, plan["loader_workers"])]))
+
+
 def markdown(summary):
     lines = [f"# GPU benchmark: {summary['machine'].get('gpu', 'CPU (smoke run)')}", "",
              "machine: " + ", ".join(f"{k} {v}" for k, v in summary["machine"].items()), ""]
@@ -200,11 +242,18 @@ def markdown(summary):
     loader = summary.get("loader", [])
     if loader:
         lines += ["", f"## Input pipeline ({summary['photos']})", "",
-                  "| read from | workers | images/s | per worker |", "|---|---|---|---|"]
+                  "images/s of one process (one GPU); scaled decodes in the workers (Pillow), dali in the main "
+                  "process", "", "| read from | decoder | workers | images/s | per worker | vs scaled |",
+                  "|---|---|---|---|---|---|"]
+        scaled = {(r["shards"], r["num_workers"]): r["images_per_s"] for r in loader if r["decoder"] == "scaled"}
         for r in loader:
             per = f"{r['images_per_s_per_worker']:.0f}" if r.get("images_per_s_per_worker") else "-"
             kind = "webdataset shards" if r["shards"] else "image files"
-            lines.append(f"| {kind} | {r['num_workers']} | {r['images_per_s']:.0f} | {per} |")
+            base = scaled.get((r["shards"], r["num_workers"]))
+            vs = f"{r['images_per_s'] / base:.2f}x" if base and r["decoder"] != "scaled" else ""
+            lines.append(f"| {kind} | {r['decoder']} | {r['num_workers']} | {r['images_per_s']:.0f} | {per} | {vs} |")
+    if summary.get("loader_dali_missing"):
+        lines += ["", "dali not measured: " + summary["loader_dali_missing"]]
     run = summary.get("pretrain")
     if run:
         lines += ["", "## pretrain.py", "", f"`{run['command']}`", ""]
@@ -251,14 +300,18 @@ def main(argv=None):
     summary["photos"] = f"{plan['images']} synthetic JPEGs, {width}x{height}, {size / 1024:.0f} KiB on average"
     shards = scratch / "shards"
     write_shards(photos, shards, per_shard=max(1, plan["images"] // 8), say=lambda _: None)
+    decoders, summary["loader_dali_missing"] = loader_decoders()
     summary["loader"] = []
     for data in (photos, shards):  # the same images as files and as webdataset shards
-        if time.monotonic() < deadline:
-            loader_args = bench.parse_args(["--data", str(data), "--input_size", str(plan["input_size"]),
-                                            "--batch_size", str(plan["pretrain"]["batch_size"]),
-                                            "--batches", str(plan["loader_batches"]),
-                                            "--num_workers", *map(str, plan["loader_workers"])])
-            summary["loader"] += bench.bench_loader(loader_args)
+        for decoder in decoders:
+            if time.monotonic() >= deadline or (decoder == "dali" and summary["loader_dali_missing"]):
+                continue
+            try:
+                summary["loader"] += loader_rates(plan, data, decoder)
+            except Exception as err:  # noqa: BLE001  (a DALI that imports but cannot run here: reported, not fatal)
+                if decoder != "dali":
+                    raise
+                summary["loader_dali_missing"] = f"it failed: {type(err).__name__}: {str(err)[-500:]}"
             save()
 
     p = plan["pretrain"]
