@@ -8,7 +8,8 @@
 - `transforms`: the augmentations, drawn before decoding, and the normalisation on the device;
 - `images`: a source, a transform and a decoder as a torch dataset;
 - `sampling`: the seeds of every random stream, the sampler of random-access sources, the masks;
-- `splits`: fine-tuning's training and evaluation data; `writing`: writing shards.
+- `splits`: fine-tuning's training and evaluation data; `writing`: writing shards and shrunk
+  copies of folders; `shrinking`: re-encoding one large image at a smaller size.
 """
 from fcmae.data.contract import Crop, DataError, Item, Record, Source, TrainSampler, collate
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER, FullDecoder, ScaledDecoder, get_decoder

@@ -26,6 +26,7 @@ POSITIVE_INT = number(int, 1)
 COUNT = number(int, 0)
 POSITIVE = number(float, 0, low_open=True)
 NON_NEGATIVE = number(float, 0)
+QUALITY = number(int, 1, 100)  # JPEG quality
 
 
 def argument_groups(parser):
