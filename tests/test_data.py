@@ -4,7 +4,6 @@ import io
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
