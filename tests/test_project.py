@@ -107,6 +107,11 @@ def test_loader_bench_measures_each_worker_count(tmp_path):
     assert [r["num_workers"] for r in records] == [0, 1]
     assert all(r["images_per_s"] > 0 for r in records)
     assert records[1]["images_per_s_per_worker"] == records[1]["images_per_s"]
+    assert {r["decoder"] for r in records} == {"scaled"}  # pretrain.py's default pipeline, named
+    result = run("-m", "fcmae.bench", "--data", tmp_path / "images", "--input_size", "64", "--batch_size", "4",
+                 "--num_workers", "0", "--batches", "2", "--decoder", "full", "scaled", "--json", tmp_path / "l.json")
+    assert result.returncode == 0, result.stderr
+    assert [r["decoder"] for r in json.loads((tmp_path / "l.json").read_text())] == ["full", "scaled"]
 
 
 @pytest.mark.parametrize("args,message", [

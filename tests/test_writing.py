@@ -3,8 +3,6 @@ import contextlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
 from types import SimpleNamespace
 
@@ -17,7 +15,8 @@ from fcmae import shrink as shrink_command
 from fcmae.config import ConfigError
 from fcmae.data.shrinking import KEPT, REENCODED, UNREADABLE, shrink_image
 from fcmae.data.writing import image_tree, shrink_folder, source_files, write_shards
-from test_pretrain import ROOT, SMALL, env, make_images, run_pretrain
+from test_pretrain import SMALL, make_images, run_pretrain
+from test_shards import run_module
 
 S = 120  # --max_size of these tests: make_images' 80-pixel images stay as they are
 # the larger images, by name: (outcome, format and mode of the result)
@@ -114,13 +113,6 @@ def run_main(command, *args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         command.main([str(a) for a in args])
     return SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
-
-
-def run_module(module, *args, expect=0):
-    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, env=env(), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-2000:]
-    return result
 
 
 def quiet(_):

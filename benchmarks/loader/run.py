@@ -7,8 +7,8 @@
 For every data set (subfolders of DATA: imagenet, camera, camera_512 by default) and round, it
 runs `python -m fcmae.bench --data SET --num_workers W` of the baseline commit (checked out into
 a temporary git worktree; its pipeline decodes everything and ships float32) and of this
-checkout once per decoder, in turn, so that machine drift hits all alike; each row is the median
-of its rounds. Writes OUT_DIR/loader.md and OUT_DIR/loader.json.
+checkout once per decoder, in turn, each round in another order, so that machine drift hits all
+alike; each row is the median of its rounds. Writes OUT_DIR/loader.md and OUT_DIR/loader.json.
 """
 import argparse
 import json
@@ -21,8 +21,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-# timed batches per data set: about 10-20 s of the baseline's time each on one worker of a 2-core machine
-BATCHES = {"imagenet": 20, "camera": 4, "camera_512": 20}
+sys.path.insert(0, str(ROOT))
+
+from fcmae.data import find_images  # noqa: E402
+# timed batches per data set: 5-15 s of the baseline's time each on one worker of a 2-core machine
+BATCHES = {"imagenet": 60, "camera": 4, "camera_512": 60}
 
 
 def bench(tree, data, workers, batches, batch_size, decoder=None):
@@ -35,6 +38,13 @@ def bench(tree, data, workers, batches, batch_size, decoder=None):
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
         subprocess.run(command, cwd=tree, env=env, check=True, capture_output=True, text=True)
         return json.loads(Path(out.name).read_text())[0]["images_per_s"]
+
+
+def cpu_name():
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
 
 
 def main(argv=None):
@@ -56,19 +66,19 @@ def main(argv=None):
         for name in args.sets:
             data = Path(args.data) / name
             runs = {"baseline": []} | {d: [] for d in args.decoders}
-            for _ in range(args.rounds):
-                runs["baseline"].append(bench(baseline, data, args.workers, BATCHES.get(name, 10), args.batch_size))
-                for decoder in args.decoders:
-                    runs[decoder].append(bench(ROOT, data, args.workers, BATCHES.get(name, 10), args.batch_size,
-                                               decoder))
-            files = [f for f in data.rglob("*") if f.is_file()]
+            rows_of_a_round = list(runs)
+            for k in range(args.rounds):  # each round in another order: no row always runs first or last
+                for row in rows_of_a_round[k % len(runs):] + rows_of_a_round[:k % len(runs)]:
+                    tree, decoder = (baseline, None) if row == "baseline" else (ROOT, row)
+                    runs[row].append(bench(tree, data, args.workers, BATCHES.get(name, 10), args.batch_size, decoder))
+            files = find_images(data)
             rows.append({"set": name, "images": len(files),
-                         "mean_kb": sum(f.stat().st_size for f in files) / len(files) / 1e3,
+                         "mean_kb": sum(os.path.getsize(f) for f in files) / len(files) / 1e3,
                          **{k: statistics.median(v) for k, v in runs.items()}, "rounds": runs})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "rounds"}))
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(baseline)], cwd=ROOT, capture_output=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     lines = [f"Images/s with {args.workers} loader worker(s), RandomResizedCrop 224 + flip, batch {args.batch_size}, "
              f"median of {args.rounds} rounds; baseline = commit {args.baseline}; {machine}.", "",
              "| data | mean file | baseline | " + " | ".join(args.decoders) + " | " +
