@@ -245,6 +245,7 @@ def jpeg_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_pretraining_with_dali_runs_and_resumes_bitwise(dali, jpeg_folder, tmp_path):
     args = [*SMALL, "--num_workers", "1", "--decoder", "dali", "--device", "cpu",
             "--data_path", jpeg_folder]

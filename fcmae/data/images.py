@@ -56,26 +56,28 @@ class Images(torch.utils.data.Dataset):
 
     def __getitems__(self, keys):
         records = [self.source.record(key) for key in keys]
-        bad = set()  # batch positions known unreadable: each is read once
+        bad = set()  # names of the images found unreadable in this micro-batch: each is read once
         items = []
         for i, key in enumerate(keys):
-            epoch, seed_index = key[-2], records[i].seed_index
-            later = [j for j in itertools.chain(range(i + 1, len(keys)), range(i)) if j not in bad]
-            candidates = itertools.chain([(i, records[i])], ((None, r) for r in self.source.stand_ins(records[i])),
-                                         ((j, records[j]) for j in later))
-            for skipped, (j, record) in enumerate(candidates):
-                if j in bad:
-                    continue
-                image = self.load(record, seed_index, epoch)
-                if image is not None:
-                    break
-                if j is not None:
-                    bad.add(j)
+            epoch, seed_index, skipped = key[-2], records[i].seed_index, 0
+            for record in self.candidates(records, i):
+                if record.name not in bad:
+                    image = self.load(record, seed_index, epoch)
+                    if image is not None:
+                        break
+                    bad.add(record.name)
+                skipped += 1
             else:
                 raise DataError(f"no image of a micro-batch of {len(keys)} from {self.source.where} is readable, "
                                 f"nor any that could stand in for them")
             items.append(Item(image, -1 if record.label is None else record.label, skipped))
         return items
+
+    def candidates(self, records, i):
+        """records[i], then what may stand in for it: the source's next images, then the rest of the micro-batch."""
+        yield records[i]
+        yield from self.source.stand_ins(records[i])
+        yield from (records[j] for j in itertools.chain(range(i + 1, len(records)), range(i)))
 
     def __getitem__(self, key):
         return self.__getitems__([key])[0]
