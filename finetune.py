@@ -298,9 +298,9 @@ def main(argv=None):
     unwrapped = accelerator.unwrap_model(model)
     if ema is not None:
         ema.to(accelerator.device if not args.model_ema_force_cpu else "cpu")
-        accelerator.register_for_checkpointing(ema)
+        run.keep("ema", ema)
     try:
-        run.restore(model, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+        run.restore(model, optimizer, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
     except ConfigError as err:
         parser.error(str(err))
     mixup, criterion = build_criterion(args)

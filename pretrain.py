@@ -144,7 +144,7 @@ def main(argv=None):
     # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
     # along than --init or a --resume weights file it started from
     try:
-        run.restore(model, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+        run.restore(model, optimizer, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
     except ConfigError as err:
         parser.error(str(err))
 

@@ -193,8 +193,11 @@ def test_strict_errors_list_the_problems(model, tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         weights.load(tmp_path / "nothing.pt")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(WeightsError, match="not a readable weights file"):
+    with pytest.raises(WeightsError, match="not a readable weights file: it is a text file"):
         weights.load(tmp_path / "junk.pt")
+    (tmp_path / "photo.pt").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))
+    with pytest.raises(WeightsError, match="it is a JPEG image"):
+        weights.load(tmp_path / "photo.pt")
     other = fcmae.create_model("convnextv2_femto")
     with pytest.raises(WeightsError, match=f"the weights are {model.encoder.name}"):
         weights.load_into(other, path)

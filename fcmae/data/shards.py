@@ -148,10 +148,15 @@ class Shards:
             raise ConfigError(f"--data_path {where} holds no .tar shards")
         print(f"counting the images of {len(urls)} shard(s) without an index (write one with python -m fcmae.shards)",
               file=sys.stderr)
-        try:
-            counts = [_count(u) for u in urls]
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"a shard of {where} cannot be read ({type(err).__name__}: {err})") from None
+        counts = []
+        for url in urls:
+            try:
+                counts.append(_count(url))
+            except tarfile.TarError:
+                raise ConfigError(f"{url} is not a tar archive; --data_path takes a folder of images or webdataset "
+                                  "shards (.tar files, their folder or their index.json)") from None
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"the shard {url} of {where} cannot be read ({type(err).__name__}: {err})") from None
         return cls(urls, counts, None, where)
 
 

@@ -5,6 +5,7 @@ Names and defaults follow the official scripts; each script sets the defaults th
 (`fcmae.config.number`), so a value out of range, on the command line or in a config file,
 stops the script with one sentence before anything runs.
 """
+import argparse
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from fcmae.config import ConfigError, number, str2bool
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER
 from fcmae.models import ENCODER_STRIDE, list_models
+from fcmae.training.signals import DEFAULT_STOP_SIGNALS, PREEMPTED_EXIT_CODE, parse_signals
 
 # (key, title) of the help's groups, in order
 GROUPS = (
@@ -82,6 +84,16 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
     g.add_argument("--save_ckpt_freq", default=1, type=POSITIVE_INT, help="a checkpoint every N epochs")
     g.add_argument("--save_ckpt_steps", default=0, type=COUNT, help="also every N optimiser steps (0: off)")
     g.add_argument("--save_ckpt_num", default=3, type=int, help="keep the newest N checkpoints (0: all)")
+    g.add_argument("--save_ckpt_minutes", default=0, type=NON_NEGATIVE,
+                   help="also when this many minutes have passed since the last save, at the next loss read-back "
+                        "(0: off; for clusters that end jobs without a warning signal)")
+    g.add_argument("--stop_signals", default=DEFAULT_STOP_SIGNALS, type=signal_list,
+                   help="on any of these signals every process finishes its step, a checkpoint is saved at the next "
+                        f"loss read-back (within --log_every steps) and the run exits with code {PREEMPTED_EXIT_CODE}; "
+                        "'none': the signals' usual effect")
+    g.add_argument("--remap_epochs", default=False, type=str2bool,
+                   help="resume a checkpoint whose steps per epoch differ from this run's (another effective batch or "
+                        "data size) at the same point of the same epoch; refused otherwise")
     g.add_argument("--start_epoch", default=0, type=COUNT, help="epoch to start at when not resuming")
     g.add_argument("--log_dir", default=None, help="TensorBoard / tracker folder (default: output_dir)")
     g.add_argument("--log_with", default="tensorboard", choices=["tensorboard", "wandb", "none"],
@@ -94,12 +106,26 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
                    help="force a device (default: what accelerate chooses)")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
                    help="default: what `accelerate config` / `accelerate launch` set")
+    g.add_argument("--dist_timeout", default=10, type=POSITIVE,
+                   help="minutes a process waits in a collective for the others before it fails (a dead peer)")
     g.add_argument("--compile", default=False, type=str2bool,
                    help="torch.compile the model (the first steps take longer while it compiles)")
 
 
+def signal_list(text):
+    """An argparse type for --stop_signals."""
+    try:
+        return parse_signals(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def check_run_args(args, weights_flags=("resume",)):
     """The checks both scripts need beyond each flag's range: files that must exist, the device."""
+    for name in ("output_dir", "log_dir"):
+        if getattr(args, name) and Path(getattr(args, name)).exists() and not Path(getattr(args, name)).is_dir():
+            raise ConfigError(f"--{name} {getattr(args, name)} is a file, not a folder; name a folder (it is "
+                              "created if missing)")
     for name in weights_flags:
         if getattr(args, name) and not Path(getattr(args, name)).exists():
             raise ConfigError(f"--{name} {getattr(args, name)} does not exist")

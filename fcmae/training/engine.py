@@ -8,26 +8,33 @@ Everything a step computes is a function of (seed, step): the data order and aug
 from the dataset's batch sampler and per-sample seeds, and the global random generators are re-seeded
 from (seed, step, process) before every step (drop path, mixup). A run killed at any moment and
 resumed from its newest checkpoint therefore ends exactly where the uninterrupted run would have.
+
+A stop signal (fcmae.training.signals) or a due time-based save is agreed on by all processes at
+the loss read-back every --log_every steps, inside the all-reduce that read-back makes anyway, so
+the processes save at the same step without any synchronisation of their own.
 """
 import contextlib
+import functools
 import json
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from fcmae.config import ConfigError
 from fcmae.data import DataError, collate, derive_seed
 from fcmae.optim import cosine_lr, set_lr
-from fcmae.training.checkpoint import TrainState, check_fits, latest_checkpoint, save_checkpoint
+from fcmae.training.checkpoint import Checkpoint, TrainState, check_fits, latest_checkpoint, save_checkpoint
+from fcmae.training.signals import PREEMPTED_EXIT_CODE, StopSignals, ignore_signals
 
 
 @dataclass
@@ -60,8 +67,8 @@ def seed_step(seed, global_step, rank):
 class Run:
     """The accelerator and everything a training run writes; `args` needs the shared flags
     (output_dir, log_dir, log_with, device, seed, resume, auto_resume, start_epoch, save_ckpt,
-    save_ckpt_freq, save_ckpt_steps, save_ckpt_num, log_every, batch_size, update_freq,
-    num_workers, pin_mem, clip_grad)."""
+    save_ckpt_freq, save_ckpt_steps, save_ckpt_num, save_ckpt_minutes, stop_signals, dist_timeout,
+    remap_epochs, log_every, batch_size, update_freq, num_workers, pin_mem, clip_grad)."""
 
     def __init__(self, args, name, mixed_precision=None):
         self.args, self.name = args, name
@@ -69,8 +76,10 @@ class Run:
         self.log_dir = Path(args.log_dir) if args.log_dir else self.out
         self.log_with = None if args.log_with == "none" or self.log_dir is None else args.log_with
         project = ProjectConfiguration(project_dir=str(self.log_dir or "."), logging_dir=str(self.log_dir or "."))
+        # a process whose peer died must not wait in a collective forever
+        timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout))
         self.accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision,
-                                       log_with=self.log_with, project_config=project)
+                                       log_with=self.log_with, project_config=project, kwargs_handlers=[timeout])
         if self.accelerator.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its conv algorithms once
         self.say = self.accelerator.print
@@ -78,8 +87,11 @@ class Run:
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.ckpt_dir = self.out / "checkpoints" if self.out else None
         self.state = TrainState()
-        self.accelerator.register_for_checkpointing(self.state)
-        self.saved_at = None
+        self.model = self.optimizer = self.steps_per_epoch_ = None  # set by restore
+        self.modules = {}  # other modules saved with each checkpoint (see keep)
+        self.saved_at, self.saved_time = None, time.monotonic()
+        self.signals = None  # the stop signals' handlers, installed while fit runs
+        self.stop_agreed = self.save_agreed = False
         # steps whose losses the host has not read yet: (global step, lr, loss on the device, files skipped)
         self.pending = []
         self.tic, self.timed_from, self.images_per_s = time.perf_counter(), 0, 0.0
@@ -118,23 +130,43 @@ class Run:
         self.say(f"effective batch {self.eff_batch} = {a.batch_size} x {a.update_freq} accumulation x {self.world} "
                  f"processes; lr {lr:.3g} (blr {lr * 256 / self.eff_batch:.3g}); {steps_per_epoch} steps per epoch")
 
-    def restore(self, model, steps_per_epoch, file_extras=None):
+    def keep(self, name, module):
+        """Save `module`'s state dict with every checkpoint (as name.safetensors) and restore it on
+        resume; call before restore."""
+        self.modules[name] = module
+
+    def restore(self, model, optimizer, steps_per_epoch, file_extras=None):
         """Continue from a checkpoint folder (--resume FOLDER, else the newest in output_dir with
         --auto_resume); else from the epoch in `file_extras` (a --resume weights file's), else
         --start_epoch. Returns the checkpoint folder resumed from, or None. A folder written for
-        another model (a pretraining run's output_dir given to finetune.py, say) raises ConfigError."""
+        another model (a pretraining run's output_dir given to finetune.py, say), a damaged or
+        tampered one, or one of another effective batch raises ConfigError."""
         args, state = self.args, self.state
+        self.model, self.optimizer, self.steps_per_epoch_ = model, optimizer, steps_per_epoch
         latest = latest_checkpoint(self.ckpt_dir) if args.auto_resume and self.ckpt_dir else None
         folder = args.resume if args.resume and Path(args.resume).is_dir() else latest
         if folder:
+            where = "--resume" if folder == args.resume else f"--output_dir {args.output_dir}"
             problem = check_fits(folder, self.accelerator.unwrap_model(model))
             if problem:
-                where = "--resume" if folder == args.resume else f"--output_dir {args.output_dir}"
                 raise ConfigError(f"{problem} (found through {where}); give this run an --output_dir of its own"
                                   + (" and pass pretrained weights with --finetune" if self.name == "fcmae_finetune"
                                      else ""))
-            self.accelerator.load_state(str(folder))
-            self.saved_at = state.global_step
+            checkpoint = Checkpoint(folder)
+            remapped = self.check_shape(checkpoint, steps_per_epoch)
+            checkpoint.load_model(self.accelerator.unwrap_model(model))
+            checkpoint.load_optimizer(optimizer)
+            for position, (name, module) in enumerate(self.modules.items(), start=1):
+                checkpoint.load_module(name, module, position)
+            if checkpoint.scaler and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(checkpoint.scaler)
+            state.load_state_dict(checkpoint.train_state)
+            if remapped:
+                state.step_in_epoch = min(round(state.step_in_epoch * steps_per_epoch / remapped), steps_per_epoch)
+                state.global_step = state.epoch * steps_per_epoch + state.step_in_epoch
+                self.say(f"--remap_epochs: the checkpoint's {remapped:g} steps per epoch mapped to this run's "
+                         f"{steps_per_epoch}")
+            self.saved_at = None if remapped else state.global_step
             self.say(f"resumed from {folder} at epoch {state.epoch}, step {state.global_step}")
         elif file_extras is not None and "epoch" in file_extras:
             state.epoch = int(file_extras["epoch"]) + 1
@@ -144,6 +176,36 @@ class Run:
             state.epoch = args.start_epoch
             state.global_step = args.start_epoch * steps_per_epoch
         return folder
+
+    def run_shape(self):
+        """What fixes the steps of an epoch, saved with each checkpoint."""
+        a = self.args
+        return {"eff_batch": self.eff_batch, "steps_per_epoch": self.steps_per_epoch_, "batch_size": a.batch_size,
+                "update_freq": a.update_freq, "processes": self.world}
+
+    def check_shape(self, checkpoint, steps_per_epoch):
+        """The checkpoint's steps per epoch when they differ from this run's and --remap_epochs
+        allows it (else ConfigError); None when they agree or cannot be known."""
+        saved = checkpoint.run_shape
+        train = checkpoint.train_state
+        saved_steps = saved.get("steps_per_epoch")
+        if saved_steps is None and train["epoch"] > 0:  # an older checkpoint: its counters tell
+            saved_steps = (train["global_step"] - train["step_in_epoch"]) / train["epoch"]
+        saved_batch = saved.get("eff_batch")
+        if saved_steps in (None, steps_per_epoch) and saved_batch in (None, self.eff_batch):
+            return None
+        if not self.args.remap_epochs:
+            if saved_batch not in (None, self.eff_batch):
+                why = (f"was trained with an effective batch of {saved_batch} ({saved.get('batch_size')} x "
+                       f"{saved.get('update_freq')} accumulation x {saved.get('processes')} processes), and this run's "
+                       f"is {self.eff_batch} ({self.args.batch_size} x {self.args.update_freq} x {self.world})")
+            else:
+                why = (f"has {saved_steps:g} steps per epoch and this run {steps_per_epoch} (the data changed, or its "
+                       "batch)")
+            raise ConfigError(f"the checkpoint {checkpoint.folder} {why}; resume with the batch it was trained "
+                              "with (keep batch_size x update_freq x processes), or pass --remap_epochs true to "
+                              "continue its schedule by epochs")
+        return saved_steps if saved_steps not in (None, steps_per_epoch) else None
 
     def open_logs(self):
         """args.json, log.txt trimmed to the epochs already done, trackers."""
@@ -161,13 +223,15 @@ class Run:
                 f.write(json.dumps(record) + "\n")
 
     def checkpoint(self, epoch=None, progress=None):
-        """Save the accelerator's state (every process must call this), once per step at most,
-        after reading back the pending losses: a non-finite one stops the run before it is saved."""
+        """Save the run (every process must call this), once per step at most, after reading back
+        the pending losses: a non-finite one stops the run before it is saved."""
         if epoch is not None:
             self.read_losses(epoch, progress)
         if self.out and self.args.save_ckpt and self.saved_at != self.state.global_step:
-            save_checkpoint(self.accelerator, self.ckpt_dir, self.state.global_step, self.args.save_ckpt_num)
+            save_checkpoint(self.accelerator, self.ckpt_dir, self.state.global_step, self.args.save_ckpt_num,
+                            self.model, self.optimizer, self.state, self.modules, self.run_shape())
             self.saved_at = self.state.global_step
+        self.saved_time, self.save_agreed = time.monotonic(), False
 
     # ----- the loop ----------------------------------------------------------------------------
 
@@ -178,7 +242,8 @@ class Run:
         args = self.args
         return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers,
                                            pin_memory=args.pin_mem and self.device.type == "cuda",
-                                           persistent_workers=args.num_workers > 0, collate_fn=collate)
+                                           persistent_workers=args.num_workers > 0, collate_fn=collate,
+                                           worker_init_fn=functools.partial(ignore_signals, args.stop_signals))
 
     def evaluation_loader(self, dataset):
         """The loader of this process's share of `dataset` for an exact evaluation, made once."""
@@ -208,73 +273,80 @@ class Run:
         sampler = self.batch_sampler(dataset)
         loader = self.loader(dataset, sampler)
         stopped = state.global_step >= schedule.last_step
-        while state.epoch < schedule.epochs and not stopped:
-            epoch = state.epoch
-            train_mode()
-            sampler.set_epoch(epoch, start_step=state.step_in_epoch)
-            batches = iter(loader)
-            if not state.epoch_sums:
-                state.epoch_sums = {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
-            self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
-            for step in range(state.step_in_epoch, schedule.steps_per_epoch):
-                step_lr = schedule.lr_at(state.global_step)
-                set_lr(optimizer, step_lr)
-                seed_step(args.seed, state.global_step, self.rank)
-                step_loss, skipped = None, 0
-                for micro in range(args.update_freq):
-                    try:
-                        batch = next(batches)
-                    except DataError as err:  # raised in a worker, it carries the worker's traceback
-                        self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
-                                  advice="make the data readable")
-                    sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
-                    with contextlib.nullcontext() if sync else acc.no_sync(model):
-                        with acc.autocast():
-                            loss, n_skipped = micro_step(batch)
-                        acc.backward(loss / args.update_freq)
-                    loss = loss.detach().float() / args.update_freq
-                    step_loss = loss if step_loss is None else step_loss + loss
-                    skipped += n_skipped
-                log_now = (state.global_step + 1) % args.log_every == 0
-                grad_norm = None
-                if args.clip_grad is not None or log_now:
-                    max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.pending.append((state.global_step, step_lr, step_loss, skipped))
-                state.global_step += 1
-                state.step_in_epoch = step + 1
-                if after_step is not None:
-                    after_step()
-                progress.update(1)
-                if log_now:
-                    loss_value = self.read_losses(epoch, progress)
-                    if self.log_with:
-                        scalars = {"train/loss": loss_value, "train/lr": step_lr,
-                                   "train/images_per_s": self.images_per_s}
-                        if grad_norm is not None:
-                            scalars["train/grad_norm"] = float(grad_norm)
-                        acc.log(scalars, step=state.global_step)
-                if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0:
-                    self.checkpoint(epoch, progress)
-                if state.global_step >= schedule.last_step:
-                    stopped = True
-                    break
+        with self.lost_peers_stop(), self.stop_signals():
+            while state.epoch < schedule.epochs and not stopped:
+                epoch = state.epoch
+                train_mode()
+                sampler.set_epoch(epoch, start_step=state.step_in_epoch)
+                batches = iter(loader)
+                if not state.epoch_sums:
+                    state.epoch_sums = {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
+                self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
+                for step in range(state.step_in_epoch, schedule.steps_per_epoch):
+                    step_lr = schedule.lr_at(state.global_step)
+                    set_lr(optimizer, step_lr)
+                    seed_step(args.seed, state.global_step, self.rank)
+                    step_loss, skipped = None, 0
+                    for micro in range(args.update_freq):
+                        try:
+                            batch = next(batches)
+                        except DataError as err:  # raised in a worker, it carries the worker's traceback
+                            self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
+                                      advice="make the data readable")
+                        sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
+                        with contextlib.nullcontext() if sync else acc.no_sync(model):
+                            with acc.autocast():
+                                loss, n_skipped = micro_step(batch)
+                            acc.backward(loss / args.update_freq)
+                        loss = loss.detach().float() / args.update_freq
+                        step_loss = loss if step_loss is None else step_loss + loss
+                        skipped += n_skipped
+                    log_now = (state.global_step + 1) % args.log_every == 0
+                    grad_norm = None
+                    if args.clip_grad is not None or log_now:
+                        max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
+                        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    self.pending.append((state.global_step, step_lr, step_loss, skipped))
+                    state.global_step += 1
+                    state.step_in_epoch = step + 1
+                    if after_step is not None:
+                        after_step()
+                    progress.update(1)
+                    if log_now:
+                        loss_value = self.read_losses(epoch, progress)
+                        if self.log_with:
+                            scalars = {"train/loss": loss_value, "train/lr": step_lr,
+                                       "train/images_per_s": self.images_per_s}
+                            if grad_norm is not None:
+                                scalars["train/grad_norm"] = float(grad_norm)
+                            acc.log(scalars, step=state.global_step)
+                    if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0 or self.save_agreed:
+                        self.checkpoint(epoch, progress)
+                    if state.global_step >= schedule.last_step:
+                        stopped = True
+                        break
+                    if self.stop_agreed:
+                        break  # saved below, at the end of the epoch when this step ended it
 
-            self.read_losses(epoch, progress)
-            sums = state.epoch_sums
-            epoch_done = state.step_in_epoch == schedule.steps_per_epoch
-            extra = {}
-            if epoch_done:
-                state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
-                extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
-            if stopped or (epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)):
-                self.checkpoint()
-            if epoch_done:
-                self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
-                                 **extra, "epoch": epoch, "n_parameters": n_parameters,
-                                 "skipped_images": sums["skipped"]})
+                self.read_losses(epoch, progress)
+                sums = state.epoch_sums
+                epoch_done = state.step_in_epoch == schedule.steps_per_epoch
+                extra = {}
+                if epoch_done:
+                    state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+                    extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
+                scheduled = epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)
+                if stopped or scheduled or self.stop_agreed or self.save_agreed:
+                    self.checkpoint()
+                if epoch_done:
+                    self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
+                                     **extra, "epoch": epoch, "n_parameters": n_parameters,
+                                     "skipped_images": sums["skipped"]})
+                if self.stop_agreed and not stopped and state.epoch < schedule.epochs:
+                    progress.close()
+                    self.preempted()
         progress.close()
 
     def read_losses(self, epoch, progress=None):
@@ -285,9 +357,16 @@ class Run:
         if not pending:
             return None
         losses = torch.stack([loss for _, _, loss, _ in pending])
-        skipped = torch.tensor([float(n) for *_, n in pending], device=losses.device)
-        totals = self.accelerator.reduce(torch.cat([losses, skipped]), reduction="sum").tolist()
-        for (step, lr, _, _), loss_sum, n_skipped in zip(pending, totals, totals[len(pending):]):
+        # the files skipped, then this process's votes to stop (a signal came) and to save (time is up)
+        minutes = self.args.save_ckpt_minutes
+        save_due = bool(minutes) and time.monotonic() - self.saved_time >= 60 * minutes
+        signalled = self.signals is not None and self.signals.received is not None
+        counts = [float(n) for *_, n in pending] + [float(signalled), float(save_due)]
+        totals = self.accelerator.reduce(torch.cat([losses, torch.tensor(counts, device=losses.device)]),
+                                         reduction="sum").tolist()
+        self.stop_agreed = self.stop_agreed or totals[-2] > 0
+        self.save_agreed = self.save_agreed or totals[-1] > 0
+        for (step, lr, _, _), loss_sum, n_skipped in zip(pending, totals, totals[len(pending):-2]):
             loss_value = loss_sum / self.world
             if not math.isfinite(loss_value):
                 self.stop(f"the loss became {loss_value} at step {step} (epoch {epoch})")
@@ -312,6 +391,44 @@ class Run:
                  "from it.")
         self.accelerator.end_training()
         sys.exit(1)
+
+    @contextlib.contextmanager
+    def stop_signals(self):
+        """Handle --stop_signals while training (before, there is nothing to save)."""
+        self.signals = StopSignals(self.args.stop_signals)
+        try:
+            yield
+        finally:
+            self.signals.uninstall()
+
+    @contextlib.contextmanager
+    def lost_peers_stop(self):
+        """A collective that fails because another process died or hung stops this one with a
+        sentence instead of gloo's or NCCL's traceback."""
+        try:
+            yield
+        except RuntimeError as err:
+            text = str(err)
+            if self.world == 1 or not (isinstance(err, torch.distributed.DistError) or any(
+                    word in text for word in ("gloo", "NCCL", "Connection", "timed out", "Timed out"))):
+                raise
+            last = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
+            print(f"error: process {self.rank} of {self.world} lost the others at step {self.state.global_step} "
+                  f"({text.strip().splitlines()[0][:200]}): another process died or hung, and the launcher's report "
+                  f"names its rank. The last good checkpoint is {last or 'none'}; with the README's elastic launch "
+                  "flags the group restarts from it by itself, else run the same command again.", file=sys.stderr)
+            sys.exit(1)
+
+    def preempted(self):
+        """Every process: the checkpoint is saved; exit with PREEMPTED_EXIT_CODE."""
+        step = self.state.global_step
+        saved = (f"checkpoint {self.ckpt_dir / f'checkpoint-{step:08d}'}" if self.saved_at == step
+                 else "nothing saved (--output_dir is empty or --save_ckpt false)")
+        received = self.signals.received
+        self.say(f"stopped at step {step} on a stop signal ({received or 'received by another process'}): {saved}; "
+                 f"exit code {PREEMPTED_EXIT_CODE}. Run the same command again to continue.")
+        self.accelerator.end_training()
+        sys.exit(PREEMPTED_EXIT_CODE)
 
     def check_replicas(self, model):
         """DDP keeps the processes' parameters equal; check it once, cheaply."""

@@ -37,6 +37,30 @@ class Architecture:
 
 # ----- reading files ----------------------------------------------------------------------------
 
+# the first bytes of files that are often given where weights are expected
+SIGNATURES = ((b"\xff\xd8\xff", "a JPEG image"), (b"\x89PNG", "a PNG image"), (b"PK\x03\x04", "a zip archive"),
+              (b"\x1f\x8b", "a gzip file"), (b"\x80", "a pickle that holds no torch tensors"))
+UNCLEAR = ("a zip archive", "a pickle that holds no torch tensors", "a file of unknown kind")
+
+
+def file_kind(path):
+    """What a file that is not weights is, in words, from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head[257:262] == b"ustar":
+        return "a tar archive"
+    kind = next((kind for magic, kind in SIGNATURES if head.startswith(magic)), None)
+    if kind:
+        return kind
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "a file of unknown kind"
+    return "a text file"
+
+
 def read_state_dict(source):
     """(state dict, extras) from a path or a dict; extras holds e.g. the epoch of a training
     checkpoint. Handles folders (accelerate checkpoints, Hugging Face), .safetensors, and torch
@@ -62,8 +86,10 @@ def read_state_dict(source):
                 with torch.serialization.safe_globals([argparse.Namespace]):
                     data = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - any unreadable file gets the same sentence
-                raise WeightsError(f"{path} is not a readable weights file ({type(err).__name__}: "
-                                   f"{str(err).splitlines()[0][:200]})") from None
+                kind = file_kind(path)
+                # an image or text file needs no detail; a damaged torch file does
+                detail = f" ({type(err).__name__}: {str(err).splitlines()[0][:200]})" if kind in UNCLEAR else ""
+                raise WeightsError(f"{path} is not a readable weights file: it is {kind}{detail}") from None
     if not isinstance(data, dict):
         raise WeightsError("the weights file does not hold a state dict")
     for wrapper in ("model", "state_dict", "module"):
