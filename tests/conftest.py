@@ -59,8 +59,8 @@ def make_model():
     return make
 
 
-# The longest file first: pytest-xdist (-n 2 --dist loadfile in setup.cfg) hands out files in
-# collection order, and the BloodMNIST study alone takes a quarter of the whole suite.
+# The longest file first: pytest-xdist (-n 2 --dist loadfile --no-loadscope-reorder in setup.cfg)
+# hands out files in collection order, and the BloodMNIST study alone takes a quarter of the suite.
 LONGEST_FIRST = ("test_bloodmnist.py",)
 
 

@@ -137,7 +137,8 @@ def step_table(plan, compile_, peak, deadline):
 
 def gpu_tests(plan, deadline):
     """The exactness tests' cases for the plan's device, run by pytest in a subprocess."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plan["tests"]]
+    # one process, without setup.cfg's pytest-xdist options: a few cases on one device
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *plan["tests"]]
     record = {"command": shlex.join(command[1:])}
     if importlib.util.find_spec("pytest") is None:
         return {**record, "skipped": "pytest is not installed"}
