@@ -123,9 +123,9 @@ def signal_list(text):
 def check_run_args(args, weights_flags=("resume",)):
     """The checks both scripts need beyond each flag's range: files that must exist, the device."""
     for name in ("output_dir", "log_dir"):
-        if getattr(args, name) and Path(getattr(args, name)).exists() and not Path(getattr(args, name)).is_dir():
-            raise ConfigError(f"--{name} {getattr(args, name)} is a file, not a folder; name a folder (it is "
-                              "created if missing)")
+        folder = getattr(args, name)
+        if folder and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"--{name} {folder} is a file, not a folder; name a folder (it is created if missing)")
     for name in weights_flags:
         if getattr(args, name) and not Path(getattr(args, name)).exists():
             raise ConfigError(f"--{name} {getattr(args, name)} does not exist")

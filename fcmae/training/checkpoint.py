@@ -63,17 +63,13 @@ def save_checkpoint(accelerator, folder, step, keep, model, optimizer, state, mo
     folder = Path(folder)
     final = folder / f"checkpoint-{step:08d}"
     partial = folder / f".partial-checkpoint-{step:08d}"
-    # every process gathers its state dicts: a sharded model would need them all (DDP's are local)
-    tensors = {"model": accelerator.unwrap_model(model).state_dict(),
-               **{name: module.state_dict() for name, module in (modules or {}).items()}}
-    optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)  # debris of a run killed while saving
         partial.mkdir(parents=True)
-        for name, state_dict in tensors.items():
-            save_file({k: v.detach().contiguous() for k, v in state_dict.items()},
+        for name, module in {"model": accelerator.unwrap_model(model), **(modules or {})}.items():
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
                       str(partial / f"{name}.safetensors"), metadata={"format": "pt"})
-        torch.save(optimizer_state, partial / OPTIMIZER)
+        torch.save(optimizer.state_dict(), partial / OPTIMIZER)
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         record = {"format": FORMAT, "train_state": state.state_dict(), "run": run_shape or {}, "scaler": scaler}
         (partial / STATE).write_text(json.dumps(record, indent=1))

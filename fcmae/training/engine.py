@@ -146,9 +146,9 @@ class Run:
         latest = latest_checkpoint(self.ckpt_dir) if args.auto_resume and self.ckpt_dir else None
         folder = args.resume if args.resume and Path(args.resume).is_dir() else latest
         if folder:
-            where = "--resume" if folder == args.resume else f"--output_dir {args.output_dir}"
             problem = check_fits(folder, self.accelerator.unwrap_model(model))
             if problem:
+                where = "--resume" if folder == args.resume else f"--output_dir {args.output_dir}"
                 raise ConfigError(f"{problem} (found through {where}); give this run an --output_dir of its own"
                                   + (" and pass pretrained weights with --finetune" if self.name == "fcmae_finetune"
                                      else ""))
@@ -266,88 +266,94 @@ class Run:
         the end of an epoch, so the device is never waited for in between; a non-finite loss
         still stops the run before any checkpoint holds what followed it.
         """
+        progress = tqdm(total=schedule.last_step, initial=self.state.global_step, disable=not self.main_process,
+                        desc=self.name, dynamic_ncols=True)
+        with self.lost_peers_stop(), self.stop_signals():
+            self._train(model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode, after_step,
+                        end_epoch, progress)
+        progress.close()
+
+    def _train(self, model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode, after_step,
+               end_epoch, progress):
+        """fit's epochs and steps, while the stop signals are handled and a lost peer is one sentence."""
         args, state, acc = self.args, self.state, self.accelerator
         train_mode = train_mode or model.train
-        progress = tqdm(total=schedule.last_step, initial=state.global_step, disable=not self.main_process,
-                        desc=self.name, dynamic_ncols=True)
         sampler = self.batch_sampler(dataset)
         loader = self.loader(dataset, sampler)
         stopped = state.global_step >= schedule.last_step
-        with self.lost_peers_stop(), self.stop_signals():
-            while state.epoch < schedule.epochs and not stopped:
-                epoch = state.epoch
-                train_mode()
-                sampler.set_epoch(epoch, start_step=state.step_in_epoch)
-                batches = iter(loader)
-                if not state.epoch_sums:
-                    state.epoch_sums = {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
-                self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
-                for step in range(state.step_in_epoch, schedule.steps_per_epoch):
-                    step_lr = schedule.lr_at(state.global_step)
-                    set_lr(optimizer, step_lr)
-                    seed_step(args.seed, state.global_step, self.rank)
-                    step_loss, skipped = None, 0
-                    for micro in range(args.update_freq):
-                        try:
-                            batch = next(batches)
-                        except DataError as err:  # raised in a worker, it carries the worker's traceback
-                            self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
-                                      advice="make the data readable")
-                        sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
-                        with contextlib.nullcontext() if sync else acc.no_sync(model):
-                            with acc.autocast():
-                                loss, n_skipped = micro_step(batch)
-                            acc.backward(loss / args.update_freq)
-                        loss = loss.detach().float() / args.update_freq
-                        step_loss = loss if step_loss is None else step_loss + loss
-                        skipped += n_skipped
-                    log_now = (state.global_step + 1) % args.log_every == 0
-                    grad_norm = None
-                    if args.clip_grad is not None or log_now:
-                        max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
-                        grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    self.pending.append((state.global_step, step_lr, step_loss, skipped))
-                    state.global_step += 1
-                    state.step_in_epoch = step + 1
-                    if after_step is not None:
-                        after_step()
-                    progress.update(1)
-                    if log_now:
-                        loss_value = self.read_losses(epoch, progress)
-                        if self.log_with:
-                            scalars = {"train/loss": loss_value, "train/lr": step_lr,
-                                       "train/images_per_s": self.images_per_s}
-                            if grad_norm is not None:
-                                scalars["train/grad_norm"] = float(grad_norm)
-                            acc.log(scalars, step=state.global_step)
-                    if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0 or self.save_agreed:
-                        self.checkpoint(epoch, progress)
-                    if state.global_step >= schedule.last_step:
-                        stopped = True
-                        break
-                    if self.stop_agreed:
-                        break  # saved below, at the end of the epoch when this step ended it
+        while state.epoch < schedule.epochs and not stopped:
+            epoch = state.epoch
+            train_mode()
+            sampler.set_epoch(epoch, start_step=state.step_in_epoch)
+            batches = iter(loader)
+            if not state.epoch_sums:
+                state.epoch_sums = {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
+            self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
+            for step in range(state.step_in_epoch, schedule.steps_per_epoch):
+                step_lr = schedule.lr_at(state.global_step)
+                set_lr(optimizer, step_lr)
+                seed_step(args.seed, state.global_step, self.rank)
+                step_loss, skipped = None, 0
+                for micro in range(args.update_freq):
+                    try:
+                        batch = next(batches)
+                    except DataError as err:  # raised in a worker, it carries the worker's traceback
+                        self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
+                                  advice="make the data readable")
+                    sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
+                    with contextlib.nullcontext() if sync else acc.no_sync(model):
+                        with acc.autocast():
+                            loss, n_skipped = micro_step(batch)
+                        acc.backward(loss / args.update_freq)
+                    loss = loss.detach().float() / args.update_freq
+                    step_loss = loss if step_loss is None else step_loss + loss
+                    skipped += n_skipped
+                log_now = (state.global_step + 1) % args.log_every == 0
+                grad_norm = None
+                if args.clip_grad is not None or log_now:
+                    max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                self.pending.append((state.global_step, step_lr, step_loss, skipped))
+                state.global_step += 1
+                state.step_in_epoch = step + 1
+                if after_step is not None:
+                    after_step()
+                progress.update(1)
+                if log_now:
+                    loss_value = self.read_losses(epoch, progress)
+                    if self.log_with:
+                        scalars = {"train/loss": loss_value, "train/lr": step_lr,
+                                   "train/images_per_s": self.images_per_s}
+                        if grad_norm is not None:
+                            scalars["train/grad_norm"] = float(grad_norm)
+                        acc.log(scalars, step=state.global_step)
+                if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0 or self.save_agreed:
+                    self.checkpoint(epoch, progress)
+                if state.global_step >= schedule.last_step:
+                    stopped = True
+                    break
+                if self.stop_agreed:
+                    break  # saved below, at the end of the epoch when this step ended it
 
-                self.read_losses(epoch, progress)
-                sums = state.epoch_sums
-                epoch_done = state.step_in_epoch == schedule.steps_per_epoch
-                extra = {}
-                if epoch_done:
-                    state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
-                    extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
-                scheduled = epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)
-                if stopped or scheduled or self.stop_agreed or self.save_agreed:
-                    self.checkpoint()
-                if epoch_done:
-                    self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
-                                     **extra, "epoch": epoch, "n_parameters": n_parameters,
-                                     "skipped_images": sums["skipped"]})
-                if self.stop_agreed and not stopped and state.epoch < schedule.epochs:
-                    progress.close()
-                    self.preempted()
-        progress.close()
+            self.read_losses(epoch, progress)
+            sums = state.epoch_sums
+            epoch_done = state.step_in_epoch == schedule.steps_per_epoch
+            extra = {}
+            if epoch_done:
+                state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+                extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
+            scheduled = epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)
+            if stopped or scheduled or self.stop_agreed or self.save_agreed:
+                self.checkpoint()
+            if epoch_done:
+                self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
+                                 **extra, "epoch": epoch, "n_parameters": n_parameters,
+                                 "skipped_images": sums["skipped"]})
+            if self.stop_agreed and not stopped and state.epoch < schedule.epochs:
+                progress.close()
+                self.preempted()
 
     def read_losses(self, epoch, progress=None):
         """Read back the losses of the steps not read yet (one host synchronisation and one
