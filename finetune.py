@@ -28,7 +28,7 @@ from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import param_groups
 from fcmae.training.checkpoint import latest_checkpoint
 from fcmae.training.arguments import (
-    NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args,
+    NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args, split_list,
 )
 from fcmae.training.engine import Run, Schedule
 from fcmae.training.evaluate import evaluate
@@ -52,8 +52,9 @@ def get_args_parser():
     groups = argument_groups(p)
     add_run_arguments(
         p, groups, output_dir="./output_dir/finetune",
-        data_help="required: with --data_set IMNET the root holding train/ and val/; with image_folder the "
-                  "training class folders",
+        data_help="required: with --data_set IMNET the root holding train/ and val/, or a Hugging Face dataset "
+                  "with train and validation splits (a save_to_disk folder, a Parquet folder, hf:NAME); with "
+                  "image_folder the training class folders, shards or one Hugging Face split",
         resume_help="checkpoint folder, or weights file, to continue from (with --eval: the weights to evaluate)")
     p.set_defaults(epochs=100, warmup_epochs=20, blr=5e-4, min_lr=1e-6)
 
@@ -104,7 +105,14 @@ def get_args_parser():
     g = groups["data"]
     g.add_argument("--data_set", default="IMNET", choices=["IMNET", "image_folder"],
                    help="IMNET: <data_path>/train and /val; image_folder: --data_path and --eval_data_path")
-    g.add_argument("--eval_data_path", default=None, help="image_folder: the evaluation class folders")
+    g.add_argument("--eval_data_path", default=None, help="image_folder: the evaluation class folders (or shards, "
+                   "or a Hugging Face dataset)")
+    g.add_argument("--train_split", default=None, type=split_list,
+                   help="Hugging Face datasets: the training split(s), joined by + (default: train)")
+    g.add_argument("--eval_split", default=None, type=split_list,
+                   help="Hugging Face datasets: the evaluation split (default: validation)")
+    g.add_argument("--label_column", default=None,
+                   help="Hugging Face datasets: the column of class labels (default: the one ClassLabel column)")
     g.add_argument("--nb_classes", default=1000, type=POSITIVE_INT, help="must equal the number of class folders")
     g.add_argument("--imagenet_default_mean_and_std", default=True, type=str2bool,
                    help="ImageNet mean/std (true) or Inception's 0.5 (false)")

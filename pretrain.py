@@ -18,11 +18,13 @@ from torchvision.utils import save_image
 import fcmae
 from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
 from fcmae.data import (
-    PretrainTransform, WithMasks, derive_seed, get_decoder, normalization, open_images, view_transform,
+    PretrainTransform, Selection, WithMasks, derive_seed, get_decoder, normalization, open_images, view_transform,
 )
 from fcmae.models import BACKEND_CHOICES, ENCODER_STRIDE, num_visible_patches, random_patch_mask
 from fcmae.optim import param_groups
-from fcmae.training.arguments import COUNT, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args
+from fcmae.training.arguments import (
+    COUNT, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args, split_list,
+)
 from fcmae.training.engine import Run, Schedule
 from fcmae.visualize import reconstruction_grid
 from fcmae.weights import WeightsError, describe, export, load_into
@@ -45,8 +47,9 @@ def get_args_parser():
     groups = argument_groups(p)
     add_run_arguments(
         p, groups, output_dir="./output_dir",
-        data_help="ImageNet root (with train/), or any folder of images, nested or flat; labels are not used "
-                  "(default: the demo on the bundled photographs)",
+        data_help="ImageNet root (with train/), or any folder of images, nested or flat; webdataset shards; a "
+                  "Hugging Face dataset (a save_to_disk folder, Parquet files or their folder, hf:NAME[:SPLIT]); "
+                  "labels are not used (default: the demo on the bundled photographs)",
         resume_help="checkpoint folder to resume from, or a weights file with its epoch (an official "
                     "main_pretrain.py checkpoint: weights and epoch carry over, the optimiser starts afresh)")
     p.set_defaults(epochs=800, warmup_epochs=40, blr=1.5e-4, min_lr=0.0)
@@ -66,6 +69,9 @@ def get_args_parser():
 
     groups["data"].add_argument("--repeats", default=1, type=POSITIVE_INT,
                                 help="count each image this many times per epoch (for very small data sets)")
+    groups["data"].add_argument("--data_splits", default=None, type=split_list,
+                                help="Hugging Face datasets: the splits to pretrain on, joined by + (default: train; "
+                                     "e.g. train+validation)")
     groups["checkpoints"].add_argument("--vis_every", default=0, type=COUNT,
                                        help="a reconstruction picture every N optimiser steps too (0: only at "
                                             "the end of each epoch)")
@@ -105,7 +111,8 @@ def main(argv=None):
         check_args(args)
         transform = PretrainTransform(args.input_size, args.in_chans)
         images = open_images(args.data_path, transform, seed=args.seed, repeats=args.repeats,
-                             decoder=get_decoder(args.decoder))
+                             decoder=get_decoder(args.decoder),
+                             selection=Selection(args.data_splits, args.image_column))
     except ConfigError as err:
         parser.error(str(err))
 

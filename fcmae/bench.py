@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fcmae.config import ArgumentParser, ConfigError, number, str2bool
 from fcmae.data import (
-    DECODERS, DEFAULT_DECODER, PretrainTransform, collate, get_decoder, is_shard_source, open_images,
+    DECODERS, DEFAULT_DECODER, PretrainTransform, collate, get_decoder, is_hugging_face, is_shard_source, open_images,
+    source_class,
 )
 from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models
 from fcmae.models.backends import minkowski
@@ -93,8 +94,9 @@ def parse_args(argv=None):
         if args.compile:
             parser.error("the minkowski row cannot be compiled (torch.compile cannot trace MinkowskiEngine); leave "
                          "it out of --rows, or --compile off")
-    if args.data is not None and not (Path(args.data).is_dir() or is_shard_source(args.data)):
-        parser.error(f"--data {args.data} is neither a folder of images nor shards")
+    readable = args.data is None or Path(args.data).is_dir() or is_shard_source(args.data) or is_hugging_face(args.data)
+    if not readable:
+        parser.error(f"--data {args.data} is neither a folder of images nor shards nor a Hugging Face dataset")
     return args
 
 
@@ -290,8 +292,8 @@ def loader_rate(data, input_size, batch_size, num_workers, batches, decoder=DEFA
     """Images/s of pretrain.py's input pipeline (read, crop, decode, flip, collate in the workers;
     conversion and normalisation, and an on-device decoder's decoding, in the main process) with
     `num_workers` workers, after the first batch (worker start-up) is out of the way."""
-    dataset = open_images(data, PretrainTransform(input_size), decoder=get_decoder(decoder))
-    if not is_shard_source(data):  # repeat small folders: enough images for every batch
+    dataset = open_images(data, PretrainTransform(input_size), decoder=get_decoder(decoder), flag="--data")
+    if hasattr(dataset.source, "repeats"):  # repeat small random-access data: enough images for every batch
         dataset.source.repeats = -(-(batches + 1) * batch_size // len(dataset))
     sampler = dataset.batch_sampler(batch_size, 1, 1, 0, seed=0)
     if sampler.steps < batches + 1:
@@ -314,14 +316,15 @@ def bench_loader(args):
     size = image_size(args)
     device = torch.device(args.device)
     records = []
+    kind = source_class(args.data).kind
     for decoder in args.decoder:
         for workers in args.num_workers:
             rate = loader_rate(args.data, size, args.batch_size, workers, args.batches, decoder, device)
-            records.append({"data": str(args.data), "shards": is_shard_source(args.data), "decoder": decoder,
-                            "input_size": list(size), "batch_size": args.batch_size, "device": describe_device(args.device),
+            records.append({"data": str(args.data), "source": kind, "shards": kind == "shards", "decoder": decoder,
+                            "input_size": list(size), "batch_size": args.batch_size,
+                            "device": describe_device(args.device),
                             "num_workers": workers, "images_per_s": rate,
                             "images_per_s_per_worker": rate / workers if workers else None})
-    kind = "shards" if is_shard_source(args.data) else "image files"
     print(f"input pipeline on {args.data} ({kind}): RandomResizedCrop to {size[0]}x{size[1]}, flip, uint8 to "
           f"{args.device}, normalised there; batch {args.batch_size}, {args.batches} batches")
     print(f"{'decoder':>8}{'workers':>8}{'images/s':>12}{'per worker':>12}")

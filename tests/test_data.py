@@ -79,7 +79,8 @@ def test_sources_and_samplers_satisfy_the_contract(photos, tmp_path):
         assert isinstance(source, Source)
         assert isinstance(source.batch_sampler(2, 1, 1, 0, seed=0), TrainSampler)
     assert type(open_source(None)) is FolderSource and "sample photographs" in open_source(None).where
-    with pytest.raises(ConfigError, match="--repeats works with folders of images only, not with .*index.json; write"):
+    with pytest.raises(ConfigError, match="--repeats works with folders of images and Hugging Face datasets, not "
+                                          "with .*index.json; write"):
         open_images(tmp_path / "s", PretrainTransform(32), repeats=2)
 
 
@@ -113,7 +114,7 @@ def test_a_new_source_is_one_class_in_the_registry(monkeypatch):
             return str(data_path).startswith("numbers:")
 
         @classmethod
-        def open(cls, data_path, labelled=False, flag="--data_path"):
+        def open(cls, data_path, labelled=False, flag="--data_path", selection=None):
             return cls(sample_photographs()[:3], where=data_path)
 
     monkeypatch.setattr(registry, "SOURCES", (Numbers, *registry.SOURCES))

@@ -16,7 +16,7 @@ import fcmae
 from fcmae import layouts, weights
 from fcmae.optim import param_groups
 from fcmae.data import share
-from test_pretrain import make_images, run_script
+from test_pretrain import make_images, run_script, usage_error
 from test_weights import minkowski_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,12 +367,7 @@ def test_shards_cover_every_index_once():
 # ----- bad input -----------------------------------------------------------------------------------
 
 def fail(args, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        finetune.main([str(a) for a in args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("finetune.py: error: ") and len(err.strip().splitlines()) == 1, err
-    return err
+    return usage_error(finetune, args, capsys)
 
 
 def test_missing_val_folder(tmp_path, capsys):

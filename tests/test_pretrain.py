@@ -51,6 +51,16 @@ def images(tmp_path_factory):
     return make_images(tmp_path_factory.mktemp("images"))
 
 
+def usage_error(script, args, capsys):
+    """What `script`.main(args) says when it stops with a usage error: one line, exit code 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(a) for a in args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{Path(script.__file__).name}: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
 def env():
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "OMP_NUM_THREADS": "1"}
@@ -234,12 +244,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(images, tmp_pa
     (["--init", "/no/such/weights.pt"], "--init /no/such/weights.pt does not exist"),
 ])
 def test_bad_arguments_stop_with_one_sentence(args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        pretrain.main(args)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pretrain.py: error: ") and len(err.strip().splitlines()) == 1
-    assert __import__("re").search(message, err)
+    assert re.search(message, usage_error(pretrain, args, capsys))
 
 
 def test_empty_folder_and_too_few_images(tmp_path, capsys):

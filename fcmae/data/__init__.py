@@ -2,8 +2,9 @@
 
 - `contract`: what a data source provides (`Source`, `TrainSampler`), the `Item` every loader
   yields, `collate`, `Crop`, `DataError`;
-- sources, one file each: `folders` (folders of image files, the sample photographs) and
-  `shards` (webdataset tar shards); `registry`: SOURCES, which --data_path is matched against;
+- sources, one file each: `folders` (folders of image files, the sample photographs),
+  `shards` (webdataset tar shards) and `hugging_face` (save_to_disk folders, Parquet, the Hub),
+  the random-access ones built on `indexed`; `registry`: SOURCES, which --data_path is matched against;
 - `decoders`: how pixels are decoded (Pillow, JPEGs at reduced scale, NVIDIA DALI);
 - `transforms`: the augmentations, drawn before decoding, and the normalisation on the device;
 - `images`: a source, a transform and a decoder as a torch dataset;
@@ -11,13 +12,15 @@
 - `splits`: fine-tuning's training and evaluation data; `writing`: writing shards and shrunk
   copies of folders; `shrinking`: re-encoding one large image at a smaller size.
 """
-from fcmae.data.contract import Crop, DataError, Item, Record, Source, TrainSampler, collate
+from fcmae.data.contract import Crop, DataError, Item, Record, Selection, Source, TrainSampler, collate
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER, FullDecoder, ScaledDecoder, get_decoder
 from fcmae.data.folders import (
     IMG_EXTENSIONS, SAMPLE_PHOTOGRAPHS, FolderSource, class_folders, find_images, sample_photographs,
 )
+from fcmae.data.hugging_face import HuggingFaceSource, holds_splits, is_hugging_face, parse_splits
 from fcmae.data.images import Images
-from fcmae.data.registry import SOURCES, open_images, open_source
+from fcmae.data.indexed import IndexedSource
+from fcmae.data.registry import SOURCES, open_images, open_source, source_class
 from fcmae.data.sampling import STREAMS, StepBatchSampler, WithMasks, derive_seed, seeded, share
 from fcmae.data.shards import Shards, ShardBatchSampler, ShardSource, is_shard_source
 from fcmae.data.splits import finetune_datasets
@@ -28,11 +31,12 @@ from fcmae.data.transforms import (
 from fcmae.data.writing import write_shards
 
 __all__ = [
-    "Crop", "DataError", "Item", "Record", "Source", "TrainSampler", "collate", "DECODERS", "DEFAULT_DECODER",
-    "FullDecoder", "ScaledDecoder", "get_decoder", "IMG_EXTENSIONS", "SAMPLE_PHOTOGRAPHS", "FolderSource",
-    "class_folders", "find_images", "sample_photographs", "Images", "SOURCES", "open_images", "open_source",
-    "STREAMS", "StepBatchSampler", "WithMasks", "derive_seed", "seeded", "share", "Shards", "ShardBatchSampler",
-    "ShardSource", "is_shard_source", "finetune_datasets", "IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform",
-    "FinetuneTransform", "PretrainTransform", "eval_transform", "mean_std", "normalization", "to_device",
-    "view_transform", "write_shards",
+    "Crop", "DataError", "Item", "Record", "Selection", "Source", "TrainSampler", "collate", "DECODERS",
+    "DEFAULT_DECODER", "FullDecoder", "ScaledDecoder", "get_decoder", "IMG_EXTENSIONS", "SAMPLE_PHOTOGRAPHS",
+    "FolderSource", "class_folders", "find_images", "sample_photographs", "HuggingFaceSource", "holds_splits",
+    "is_hugging_face", "parse_splits", "Images", "IndexedSource", "SOURCES", "open_images", "open_source",
+    "source_class", "STREAMS", "StepBatchSampler", "WithMasks", "derive_seed", "seeded", "share", "Shards",
+    "ShardBatchSampler", "ShardSource", "is_shard_source", "finetune_datasets", "IMAGENET_MEAN", "IMAGENET_STD",
+    "EvalTransform", "FinetuneTransform", "PretrainTransform", "eval_transform", "mean_std", "normalization",
+    "to_device", "view_transform", "write_shards",
 ]

@@ -48,6 +48,18 @@ class Record(NamedTuple):
             return f.read()
 
 
+class Selection(NamedTuple):
+    """What to read of data that has splits and columns (a Hugging Face dataset); None leaves the
+    choice to the source (its `train` split, the column of an Image or ClassLabel feature). Other
+    sources refuse a selection."""
+    splits: tuple[str, ...] | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+
+    def __bool__(self):
+        return any(value is not None for value in self)
+
+
 class Crop(NamedTuple):
     """What an augmentation drew for one image, before anything is decoded: the box (top, left,
     height, width, in the full-size image's pixels, as torchvision's crop), the output size
@@ -114,6 +126,7 @@ class Source(Protocol):
     """Where images come from. Keys are whatever the source's samplers yield; a key's last two
     entries are (epoch, position), as `WithMasks` expects."""
     where: str                   # how messages name it: --data_path as given
+    kind: str                    # how messages name its kind of data ("image files", "shards", ...)
     classes: list[str] | None    # class names when labelled, else None
 
     @classmethod
@@ -121,8 +134,9 @@ class Source(Protocol):
         """Whether --data_path names data of this kind (checked in the order of fcmae.data.SOURCES)."""
 
     @classmethod
-    def open(cls, data_path: str, labelled: bool, flag: str) -> "Source":
-        """The source; ConfigError (one sentence naming `flag`) when it cannot be used."""
+    def open(cls, data_path: str, labelled: bool, flag: str, selection: Selection) -> "Source":
+        """The source; ConfigError (one sentence naming `flag`) when it cannot be used. Only
+        sources with `selectable = True` are given a non-empty selection."""
 
     def __len__(self) -> int: ...
 

@@ -7,7 +7,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from fcmae.config import ConfigError
 from fcmae.data.contract import Record
-from fcmae.data.sampling import StepBatchSampler, share
+from fcmae.data.indexed import IndexedSource
 
 # Real photographs that scikit-image ships (no download at run time); the synthetic ones
 # (chessboard, logo, phantom, ...) are left out.
@@ -56,56 +56,33 @@ def sample_photographs():
     return files
 
 
-class FolderSource:
-    """Image files (a folder's, or the sample photographs), labelled when `labels` is given; keys
-    are (index, epoch, position) from a StepBatchSampler, index < len(files) x repeats."""
+class FolderSource(IndexedSource):
+    """Image files (a folder's, or the sample photographs), labelled when `labels` is given."""
+    kind = "image files"
 
     def __init__(self, files, labels=None, classes=None, where="", repeats=1):
         self.files, self.labels, self.classes, self.where = list(files), labels, classes, where
-        self.repeats = repeats  # each file counted this many times per epoch (small sets)
+        self.repeats = repeats
 
     @classmethod
     def claims(cls, data_path):
         return True  # the last resort: any other path must be a folder of images
 
     @classmethod
-    def open(cls, data_path, labelled=False, flag="--data_path"):
+    def open(cls, data_path, labelled=False, flag="--data_path", selection=None):
         if labelled:
             files, labels, classes = class_folders(data_path, flag)
             return cls(files, labels, classes, where=str(data_path))
         files = sample_photographs() if data_path is None else find_images(data_path, flag)
         return cls(files, where="the sample photographs" if data_path is None else str(data_path))
 
-    def __len__(self):
-        return len(self.files) * self.repeats
+    @property
+    def count(self):
+        return len(self.files)
 
-    def _record(self, index):
-        index %= len(self.files)
+    def image_record(self, index):
         label = None if self.labels is None else self.labels[index]
         return Record(index, label, self.files[index], path=self.files[index])
-
-    def record(self, key):
-        record = self._record(key[0])
-        return record._replace(seed_index=key[0])  # repeats of a file get crops of their own
-
-    def stand_ins(self, record):
-        """The files after an unreadable one, in order, wrapping around."""
-        start = record.seed_index % len(self.files)
-        return (self._record(start + k) for k in range(1, len(self.files)))
-
-    def first_records(self):
-        return (self._record(i) for i in range(len(self.files)))
-
-    def batch_sampler(self, batch_size, update_freq, num_processes, rank, seed):
-        return StepBatchSampler(len(self), batch_size, update_freq, num_processes, rank, seed)
-
-    def evaluation_batches(self, rank, world, batch_size):
-        """A contiguous share (shares differ by at most one image), in batches of (index, 0, 0) keys."""
-        mine = share(len(self), rank, world)
-        return [[(i, 0, 0) for i in mine[s:s + batch_size]] for s in range(0, len(mine), batch_size)]
-
-    def relabel(self, mapping):
-        self.labels = [mapping[label] for label in self.labels]
 
 
 def class_folders(root, flag="--data_path"):

@@ -246,6 +246,7 @@ class ShardBatchSampler:
 class ShardSource:
     """The source of shards (see the module's text): keys are (sample, epoch, position), the
     sample read by the sampler in the main process, its image bytes included."""
+    kind = "shards"
 
     def __init__(self, shards, labelled=False):
         if labelled and shards.classes is None:
@@ -260,7 +261,7 @@ class ShardSource:
         return data_path is not None and is_shard_source(data_path)
 
     @classmethod
-    def open(cls, data_path, labelled=False, flag="--data_path"):
+    def open(cls, data_path, labelled=False, flag="--data_path", selection=None):
         return cls(Shards.open(data_path), labelled)
 
     def __len__(self):

@@ -12,6 +12,7 @@ import torch
 
 from fcmae.config import ConfigError, number, str2bool
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER
+from fcmae.data.hugging_face import parse_splits
 from fcmae.models import ENCODER_STRIDE, list_models
 from fcmae.training.signals import DEFAULT_STOP_SIGNALS, PREEMPTED_EXIT_CODE, parse_signals
 
@@ -73,6 +74,8 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
                    "(size them with python -m fcmae.bench --data PATH)")
     g.add_argument("--decoder", default=DEFAULT_DECODER, choices=list(DECODERS),
                    help="how images are decoded: " + "; ".join(f"{k}: {v}" for k, (_, v) in DECODERS.items()))
+    g.add_argument("--image_column", default=None,
+                   help="Hugging Face datasets: the column of encoded images (default: the one Image column)")
     g.add_argument("--pin_mem", default=True, type=str2bool, help="pinned host memory for faster copies to the GPU")
 
     g = groups["checkpoints"]
@@ -110,6 +113,14 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
                    help="minutes a process waits in a collective for the others before it fails (a dead peer)")
     g.add_argument("--compile", default=False, type=str2bool,
                    help="torch.compile the model (the first steps take longer while it compiles)")
+
+
+def split_list(text):
+    """An argparse type for split names joined by + (train+validation)."""
+    try:
+        return parse_splits(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def signal_list(text):
