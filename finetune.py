@@ -25,7 +25,7 @@ from torch import nn
 from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
 from fcmae.data import finetune_datasets
 from fcmae.models.convnextv2 import create_convnextv2
-from fcmae.optim import param_groups
+from fcmae.optim import fused_option, param_groups
 from fcmae.training.checkpoint import latest_checkpoint
 from fcmae.training.arguments import (
     NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args, split_list,
@@ -192,6 +192,7 @@ def evaluate_only(args, run, model, eval_set, load, parser):
     stats = evaluate(run, model.to(run.device), eval_set)
     run.say(f"accuracy of the network on the {stats['images']} test images: top-1 {stats['acc1']:.2f}%, "
             f"top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
+    run.write_metrics({"weights": str(source), "data": eval_set.source.where, **stats})
     run.finish()
     return stats
 
@@ -215,7 +216,7 @@ def build_optimizer(args, model, lr):
     extra = dict(eps=args.opt_eps, **({"betas": tuple(args.opt_betas)} if args.opt_betas else {}))
     try:
         return create_optimizer_v2(groups, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                   momentum=args.momentum, **extra)
+                                   momentum=args.momentum, **extra, **fused_option(args.opt))
     except (AssertionError, ValueError, TypeError) as err:
         raise ConfigError(f"--opt {args.opt}: {err}") from None
 
@@ -343,6 +344,7 @@ def main(argv=None):
             return {}
         stats = evaluation_entries(run, unwrapped, ema, eval_set, args.model_ema_eval)
         keep_best(run, stats, {"": unwrapped, "_ema": ema.module if ema is not None else None}, epoch, args.model)
+        run.write_metrics({"epoch": epoch, "data": eval_set.source.where, **stats, "best": run.state.best})
         say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {run.state.best['acc1']:.2f}%), top-5 "
             f"{stats['test_acc5']:.2f}%, loss {stats['test_loss']:.4f}"
             + (f"; EMA top-1 {stats['test_acc1_ema']:.2f}%" if "test_acc1_ema" in stats else ""))

@@ -6,9 +6,9 @@ input pipeline's images/s.
     python -m fcmae.bench --data /path/to/images --input_size 224 --num_workers 0 2 4 8
 
 A training step is what pretrain.py does per optimiser step: zero_grad, forward (under autocast
-for bf16/fp16), backward and fused AdamW. Rows: one per encoder backend (the whole
-FCMAE: encoder, decoder, loss) and `timm`, the reference: timm's convnextv2_<size> supervised
-step (cross-entropy on random labels) at the same batch, size and precision. Each row runs in
+for bf16/fp16), backward and pretrain.py's fused AdamW, with its parameter groups. Rows: one per
+encoder backend (the whole FCMAE: encoder, decoder, loss) and `timm`, the reference: timm's
+convnextv2_<size> supervised step (cross-entropy on random labels) at the same batch, size and precision. Each row runs in
 a fresh process, so its peak memory is its own; all FCMAE rows see the same images and masks.
 
 FLOPs are 3x the forward pass's matmul and convolution FLOPs counted by torch's
@@ -36,6 +36,7 @@ from fcmae.data import (
 )
 from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models
 from fcmae.models.backends import minkowski
+from fcmae.optim import pretraining_optimizer
 from fcmae.training.arguments import COUNT, POSITIVE_INT
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -130,7 +131,7 @@ def build_step(args, model_name, row, device):
             return model(imgs, mask, num_visible=num_visible)[0]
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    optimizer = pretraining_optimizer(model, lr=1e-4, weight_decay=0.05)  # pretrain.py's, groups included
     dtype = PRECISIONS[args.precision]
 
     def step():

