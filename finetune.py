@@ -12,7 +12,6 @@ convnextv2_<size>; RandAugment, random erasing, Mixup/CutMix, the losses and EMA
 loop, checkpoints, exact resume and logs are the engine pretrain.py uses.
 """
 import math
-from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
@@ -22,17 +21,18 @@ from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
+from fcmae.config import (
+    NON_NEGATIVE, POSITIVE, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool,
+    usage_errors,
+)
 from fcmae.data import finetune_datasets
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import fused_option, param_groups
 from fcmae.training.checkpoint import latest_checkpoint
-from fcmae.training.arguments import (
-    NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args, split_list,
-)
-from fcmae.training.engine import Run, Schedule
+from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
+from fcmae.training.engine import Run
 from fcmae.training.evaluate import evaluate
-from fcmae.weights import WeightsError, describe, load_classifier, save_weights
+from fcmae.weights import load_classifier, save_weights
 
 # What --linear_probe changes: it trains BatchNorm + Linear on frozen features with light
 # augmentation (random resized crop and flip), as MAE's linear probing. These beat a config
@@ -177,18 +177,18 @@ def mixed_precision(args):
     return ("bf16" if torch.cuda.is_bf16_supported() else "fp16"), None
 
 
-def evaluate_only(args, run, model, eval_set, load, parser):
+def evaluate_only(args, run, model, eval_set):
     """--eval: the accuracy of one set of weights (--resume, else the newest checkpoint in
     output_dir, else --finetune); a checkpoint folder gives its model weights."""
     latest = latest_checkpoint(run.ckpt_dir) if args.auto_resume and run.ckpt_dir else None
     source = args.resume or latest or args.finetune
     if not source:
-        parser.error("--eval true needs weights: --resume (a checkpoint folder or weights file), --finetune, "
-                     "or a checkpoint in --output_dir")
-    loaded = load(source)
+        raise ConfigError("--eval true needs weights: --resume (a checkpoint folder or weights file), --finetune, "
+                          "or a checkpoint in --output_dir")
+    loaded = run.load_weights(load_classifier, model, source)
     if not loaded["head_loaded"]:
-        parser.error(f"{source} has no classifier for {args.nb_classes} classes ({loaded['head']}); "
-                     "evaluate fine-tuned weights")
+        raise ConfigError(f"{source} has no classifier for {args.nb_classes} classes ({loaded['head']}); "
+                          "evaluate fine-tuned weights")
     stats = evaluate(run, model.to(run.device), eval_set)
     run.say(f"accuracy of the network on the {stats['images']} test images: top-1 {stats['acc1']:.2f}%, "
             f"top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
@@ -229,6 +229,20 @@ def evaluation_entries(run, model, ema, eval_set, with_ema):
     return stats
 
 
+def evaluate_epoch(args, run, model, ema, eval_set, epoch):
+    """The evaluation at the end of an epoch: said, logged, metrics.json, the best weights kept;
+    returns the entries of the epoch's log line."""
+    stats = evaluation_entries(run, model, ema, eval_set, args.model_ema_eval)
+    keep_best(run, stats, {"": model, "_ema": ema.module if ema is not None else None}, epoch, args.model)
+    run.write_metrics({"epoch": epoch, "data": eval_set.source.where, **stats, "best": run.state.best})
+    run.say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {run.state.best['acc1']:.2f}%), top-5 "
+            f"{stats['test_acc5']:.2f}%, loss {stats['test_loss']:.4f}"
+            + (f"; EMA top-1 {stats['test_acc1_ema']:.2f}%" if "test_acc1_ema" in stats else ""))
+    if run.log_with:
+        run.accelerator.log({k.replace("test_", "test/"): v for k, v in stats.items()}, step=run.state.global_step)
+    return stats
+
+
 def keep_best(run, stats, weights, epoch, model_name):
     """Update the best accuracies in the run's state (saved with its checkpoints) and write
     model_best{,_ema}.safetensors when they improve; adds max_accuracy entries to `stats`.
@@ -253,74 +267,45 @@ def probe_note(args):
             "off" + (f" except what the command line set: {', '.join(kept)}" if kept else ""))
 
 
+def summary(args, model, train_set, classes, run):
+    what = "linear probe of" if args.linear_probe else "fine-tuning"
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"{what} {args.model} ({n_parameters / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
+            f"{len(classes)} classes from {args.data_path}, {args.input_size}px, on {run.world} x {run.device} "
+            f"({run.accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})"
+            + (probe_note(args) if args.linear_probe else ""))
+
+
+def model_ema(args, model, device):
+    """{"ema": timm's EMA of `model`} with --model_ema (a copy of the loaded weights), else {}."""
+    if not args.model_ema:
+        return {}
+    return {"ema": ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else device)}
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parse_with_config(parser, argv, overrides=probe_defaults)
-    try:
+    with usage_errors(parser):
         check_args(args)
         train_set, eval_set, classes = finetune_datasets(args)
-    except ConfigError as err:
-        parser.error(str(err))
-
-    precision, note = mixed_precision(args)
-    run = Run(args, "fcmae_finetune", mixed_precision=precision)
-    accelerator, say, out = run.accelerator, run.say, run.out
-    if note:
-        say(note)
-    try:
-        steps_per_epoch = run.steps_per_epoch(train_set) if train_set is not None else 1
-    except ConfigError as err:
-        parser.error(str(err))
-    lr = run.peak_lr()
-    warmup = args.warmup_steps / steps_per_epoch if args.warmup_steps > 0 else args.warmup_epochs
-    schedule = Schedule(args.epochs, steps_per_epoch, lr, args.min_lr, warmup, args.max_steps)
-
-    set_seed(args.seed)  # the initial weights (the head, when trained from scratch)
-    model = build_model(args)
-
-    def load(weights_path):
-        try:
-            loaded = load_classifier(model, weights_path)
-        except WeightsError as err:
-            parser.error(f"{weights_path}: {err}")
-        say(describe(loaded, weights_path))
-        return loaded
-
-    if args.eval:
-        return evaluate_only(args, run, model, eval_set, load, parser)
-    resume_file = args.resume if args.resume and Path(args.resume).is_file() else ""
-    loaded = None
-    for weights_path in filter(None, [args.finetune, resume_file]):
-        loaded = load(weights_path)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    ema = None
-    if args.model_ema:
-        ema = ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)
-    try:
-        optimizer = build_optimizer(args, model, lr)
-    except ConfigError as err:
-        parser.error(str(err))
-    if args.compile:
-        model.compile()  # after the EMA copy is made: the copy must not share the compiled call
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    if ema is not None:
-        ema.to(accelerator.device if not args.model_ema_force_cpu else "cpu")
-        run.keep("ema", ema)
-    try:
-        run.restore(model, optimizer, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
-    except ConfigError as err:
-        parser.error(str(err))
+        precision, note = mixed_precision(args)
+        run = Run(args, "fcmae_finetune", mixed_precision=precision,
+                  resume_advice=" and pass pretrained weights with --finetune")
+        if note:
+            run.say(note)
+        schedule = run.plan(train_set, args.warmup_epochs, args.warmup_steps)
+        set_seed(args.seed)  # the initial weights (the head, when trained from scratch)
+        model = build_model(args)
+        if args.eval:
+            return evaluate_only(args, run, model, eval_set)
+        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model, optimizer = run.start(
+            model, schedule, lambda m: build_optimizer(args, m, schedule.lr), load_classifier,
+            weights=[args.finetune], extras=lambda m: model_ema(args, m, run.device),
+            summary=lambda m: summary(args, m, train_set, classes, run))  # compiled after the EMA copy is made
+    unwrapped, ema = run.accelerator.unwrap_model(model), run.modules.get("ema")
     mixup, criterion = build_criterion(args)
-
-    what = "linear probe of" if args.linear_probe else "fine-tuning"
-    say(f"{what} {args.model} ({n_parameters / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
-        f"{len(classes)} classes from {args.data_path}, {args.input_size}px, on {run.world} x {accelerator.device} "
-        f"({accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})"
-        + (probe_note(args) if args.linear_probe else ""))
-    run.describe_batch(lr, steps_per_epoch)
-    run.open_logs()
 
     def train_mode():
         model.train()
@@ -329,8 +314,8 @@ def main(argv=None):
             unwrapped.head.fc.train()
 
     def micro_step(batch):
-        imgs, n_skipped = train_set.prepare(batch, accelerator.device)
-        labels = batch.label.to(accelerator.device, non_blocking=True)
+        imgs, n_skipped = train_set.prepare(batch, run.device)
+        labels = batch.label.to(run.device, non_blocking=True)
         if mixup is not None:
             imgs, labels = mixup(imgs, labels)
         return criterion(model(imgs), labels), n_skipped
@@ -340,17 +325,7 @@ def main(argv=None):
             ema.update(unwrapped, step=run.state.global_step)
 
     def end_epoch(epoch):
-        if eval_set is None:
-            return {}
-        stats = evaluation_entries(run, unwrapped, ema, eval_set, args.model_ema_eval)
-        keep_best(run, stats, {"": unwrapped, "_ema": ema.module if ema is not None else None}, epoch, args.model)
-        run.write_metrics({"epoch": epoch, "data": eval_set.source.where, **stats, "best": run.state.best})
-        say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {run.state.best['acc1']:.2f}%), top-5 "
-            f"{stats['test_acc5']:.2f}%, loss {stats['test_loss']:.4f}"
-            + (f"; EMA top-1 {stats['test_acc1_ema']:.2f}%" if "test_acc1_ema" in stats else ""))
-        if run.log_with:
-            accelerator.log({k.replace("test_", "test/"): v for k, v in stats.items()}, step=run.state.global_step)
-        return stats
+        return {} if eval_set is None else evaluate_epoch(args, run, unwrapped, ema, eval_set, epoch)
 
     run.fit(model, optimizer, train_set, schedule, micro_step, n_parameters, train_mode=train_mode,
             after_step=after_step, end_epoch=end_epoch)
@@ -358,11 +333,11 @@ def main(argv=None):
     run.finish()
     best = run.state.best
     if best:
-        say(f"done after {run.state.global_step} steps: best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}"
-            + (f" ({out / 'model_best.safetensors'})" if out and args.save_ckpt else "")
-            + (f"; EMA best {best['acc1_ema']:.2f}%" if "acc1_ema" in best else ""))
+        run.say(f"done after {run.state.global_step} steps: best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}"
+                + (f" ({run.out / 'model_best.safetensors'})" if run.out and args.save_ckpt else "")
+                + (f"; EMA best {best['acc1_ema']:.2f}%" if "acc1_ema" in best else ""))
     else:
-        say(f"done after {run.state.global_step} steps")
+        run.say(f"done after {run.state.global_step} steps")
     return best
 
 

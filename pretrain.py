@@ -9,25 +9,26 @@ processes, mixed precision and checkpoint state; everything that decides what a 
 exactly where the uninterrupted one would have.
 """
 import warnings
-from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from torchvision.utils import save_image
 
 import fcmae
-from fcmae.config import ArgumentParser, ConfigError, number, parse_with_config, str2bool
+from fcmae.config import (
+    COUNT, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool, usage_errors,
+)
 from fcmae.data import (
     PretrainTransform, Selection, WithMasks, derive_seed, get_decoder, normalization, open_images, view_transform,
 )
-from fcmae.models import BACKEND_CHOICES, ENCODER_STRIDE, num_visible_patches, random_patch_mask
-from fcmae.optim import pretraining_optimizer
-from fcmae.training.arguments import (
-    COUNT, POSITIVE_INT, add_run_arguments, argument_groups, check_run_args, split_list,
+from fcmae.models import (
+    BACKEND_CHOICES, BACKENDS, ENCODER_STRIDE, num_visible_patches, random_patch_mask, resolve_backend,
 )
-from fcmae.training.engine import Run, Schedule
+from fcmae.optim import pretraining_optimizer
+from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
+from fcmae.training.engine import Run
 from fcmae.visualize import reconstruction_grid
-from fcmae.weights import WeightsError, describe, export, load_into
+from fcmae.weights import export, load_into
 
 # Settings for a plain `python pretrain.py` (no --data_path): a few minutes on a laptop CPU.
 # Flags and --config still override each of them.
@@ -89,9 +90,10 @@ def check_args(args):
     if args.input_size % ENCODER_STRIDE:
         raise ConfigError(f"--input_size must be a multiple of {ENCODER_STRIDE} (the patch size), got "
                           f"{args.input_size}")
-    if args.compile and args.backend == "minkowski":
-        raise ConfigError("--backend minkowski cannot be compiled (torch.compile cannot trace MinkowskiEngine); use "
-                          "--backend sparse with --compile, or leave --compile off")
+    backend = BACKENDS.get(args.backend)  # None: auto, which chooses one that compiles
+    if args.compile and backend is not None and not backend.compiles:
+        raise ConfigError(backend.compile_refusal(f"--backend {backend.name}", f"use --backend "
+                                                  f"{resolve_backend('auto')} with --compile, or leave --compile off"))
     patches = (args.input_size // ENCODER_STRIDE) ** 2
     if num_visible_patches(patches, args.mask_ratio) == 0:
         raise ConfigError(f"--input_size {args.input_size} and --mask_ratio {args.mask_ratio} leave no patch visible "
@@ -104,114 +106,100 @@ def check_args(args):
 warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
 
+class Pictures:
+    """Original / masked input / reconstruction of 8 fixed images and masks, drawn now and then
+    (output_dir/reconstructions/<tag>.png and TensorBoard), by the main process only."""
+
+    def __init__(self, run, model, images, args):
+        self.run, self.model = run, model
+        self.folder = run.out / "reconstructions" if run.out else None
+        view = view_transform(args.input_size, args.in_chans)
+        self.images = torch.stack([view(img) for img in images.pictures(8)])
+        generator = torch.Generator().manual_seed(derive_seed(args.seed, "pictures"))
+        num_patches = (args.input_size // ENCODER_STRIDE) ** 2
+        self.masks = random_patch_mask(len(self.images), num_patches, args.mask_ratio, generator=generator)
+        self.mean, self.std = normalization(args.in_chans)
+        if self.folder and run.main_process:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def save(self, tag):
+        run, device = self.run, self.run.device
+        if not run.main_process:
+            return
+        self.model.eval()
+        # eager: a picture of 8 images in eval mode is not worth compiling a second graph for
+        with run.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
+            grid = reconstruction_grid(self.model, self.images.to(device), self.masks.to(device), self.mean, self.std)
+        self.model.train()
+        if self.folder:
+            save_image(grid, self.folder / f"{tag}.png")
+        if run.log_with == "tensorboard":
+            run.accelerator.get_tracker("tensorboard").log_images(
+                {"reconstruction": grid.unsqueeze(0).numpy()}, step=run.state.global_step)
+
+
+def summary(args, model, images, run):
+    source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {model.backend}) on "
+            f"{len(images) // args.repeats} images from {source}, {args.input_size}px, on {run.world} x "
+            f"{run.device} ({run.accelerator.mixed_precision} mixed precision"
+            f"{', torch.compile' if args.compile else ''})")
+
+
 def main(argv=None):
     parser = get_args_parser()
     args = parse_with_config(parser, argv, extra_defaults=demo_defaults)
-    try:
+    with usage_errors(parser):
         check_args(args)
-        transform = PretrainTransform(args.input_size, args.in_chans)
-        images = open_images(args.data_path, transform, seed=args.seed, repeats=args.repeats,
-                             decoder=get_decoder(args.decoder),
+        images = open_images(args.data_path, PretrainTransform(args.input_size, args.in_chans), seed=args.seed,
+                             repeats=args.repeats, decoder=get_decoder(args.decoder),
                              selection=Selection(args.data_splits, args.image_column))
-    except ConfigError as err:
-        parser.error(str(err))
-
-    run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
-    accelerator, say, out = run.accelerator, run.say, run.out
-    num_patches = (args.input_size // ENCODER_STRIDE) ** 2
-    dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
-    try:
-        steps_per_epoch = run.steps_per_epoch(dataset)
-    except ConfigError as err:
-        parser.error(str(err))
-    lr = run.peak_lr()
-    schedule = Schedule(args.epochs, steps_per_epoch, lr, args.min_lr, args.warmup_epochs, args.max_steps)
-
-    set_seed(args.seed)  # the initial weights; data, crops and masks have seeds of their own
-    model = fcmae.create_model(
-        args.model, backend=args.backend, mask_ratio=args.mask_ratio,
-        decoder_depth=args.decoder_depth, decoder_embed_dim=args.decoder_embed_dim,
-        norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans,
-    )
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    resume_file = args.resume if args.resume and Path(args.resume).is_file() else ""
-    loaded = None
-    for weights_path in filter(None, [args.init, resume_file]):
-        try:
-            loaded = load_into(model, weights_path)
-        except WeightsError as err:
-            parser.error(f"{weights_path}: {err}")
-        say(describe(loaded, weights_path))
-    optimizer = pretraining_optimizer(model, lr, args.weight_decay)
-    if args.compile:
-        model.compile(fullgraph=True)  # encoder, decoder and loss as one graph; the mask checks stay eager
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
-    # along than --init or a --resume weights file it started from
-    try:
-        run.restore(model, optimizer, steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
-    except ConfigError as err:
-        parser.error(str(err))
-
-    source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
-    say(f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {unwrapped.backend}) on "
-        f"{len(images) // args.repeats} images from {source}, {args.input_size}px, on {run.world} x "
-        f"{accelerator.device} ({accelerator.mixed_precision} mixed precision"
-        f"{', torch.compile' if args.compile else ''})")
-    run.describe_batch(lr, steps_per_epoch)
-    run.open_logs()
-    if out and run.main_process:
-        (out / "reconstructions").mkdir(parents=True, exist_ok=True)
-
-    # fixed images and masks for the reconstruction pictures
-    view = view_transform(args.input_size, args.in_chans)
-    vis_imgs = torch.stack([view(img) for img in images.pictures(8)])
-    vis_masks = random_patch_mask(len(vis_imgs), num_patches, args.mask_ratio,
-                                  generator=torch.Generator().manual_seed(derive_seed(args.seed, "pictures")))
-    mean, std = normalization(args.in_chans)
-
-    def save_picture(tag):
-        if not run.main_process:
-            return
-        unwrapped.eval()
-        # eager: a picture of 8 images in eval mode is not worth compiling a second graph for
-        with accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            grid = reconstruction_grid(unwrapped, vis_imgs.to(accelerator.device),
-                                       vis_masks.to(accelerator.device), mean, std)
-        unwrapped.train()
-        if out:
-            save_image(grid, out / "reconstructions" / f"{tag}.png")
-        if run.log_with == "tensorboard":
-            accelerator.get_tracker("tensorboard").log_images(
-                {"reconstruction": grid.unsqueeze(0).numpy()}, step=run.state.global_step)
-
+        run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
+        num_patches = (args.input_size // ENCODER_STRIDE) ** 2
+        dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
+        schedule = run.plan(dataset, args.warmup_epochs)
+        set_seed(args.seed)  # the initial weights; data, crops and masks have seeds of their own
+        model = fcmae.create_model(
+            args.model, backend=args.backend, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+            decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans,
+        )
+        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
+        # along than --init or a --resume weights file it started from
+        model, optimizer = run.start(
+            model, schedule, lambda m: pretraining_optimizer(m, schedule.lr, args.weight_decay), load_into,
+            weights=[args.init], compile_options=dict(fullgraph=True),  # encoder, decoder and loss: one graph
+            summary=lambda m: summary(args, m, images, run))
+    unwrapped = run.accelerator.unwrap_model(model)
+    pictures = Pictures(run, unwrapped, images, args)
     num_visible = num_visible_patches(num_patches, args.mask_ratio)  # in every mask: no check needs the device
 
     def micro_step(batch):
-        imgs, n_skipped = dataset.prepare(batch, accelerator.device)  # uint8 to normalised floats, on the device
-        loss, _, _ = model(imgs, batch.mask.to(accelerator.device, non_blocking=True), num_visible=num_visible)
+        imgs, n_skipped = dataset.prepare(batch, run.device)  # uint8 to normalised floats, on the device
+        loss, _, _ = model(imgs, batch.mask.to(run.device, non_blocking=True), num_visible=num_visible)
         return loss, n_skipped
 
     def after_step():
         if args.vis_every and run.state.global_step % args.vis_every == 0:
-            save_picture(f"step_{run.state.global_step:08d}")
+            pictures.save(f"step_{run.state.global_step:08d}")
 
     if run.state.global_step == 0:
-        save_picture("step_00000000")  # the untrained model, to compare the later pictures with
+        pictures.save("step_00000000")  # the untrained model, to compare the later pictures with
     run.fit(model, optimizer, dataset, schedule, micro_step, n_parameters, after_step=after_step,
-            end_epoch=lambda epoch: save_picture(f"epoch_{epoch:04d}"))
+            end_epoch=lambda epoch: pictures.save(f"epoch_{epoch:04d}"))
     run.check_replicas(unwrapped)
+    out = run.out
     if out and run.main_process:
         export(unwrapped, "timm", out / "encoder.safetensors")  # atomic, safetensors, timm layout
     run.finish()
     speed = f"{run.images_per_s:.1f} images/s in the last epoch"
     if out:
-        say(f"done after {run.state.global_step} steps ({speed}): encoder {out / 'encoder.safetensors'} (timm "
-            f"layout), checkpoints {run.ckpt_dir}, log {out / 'log.txt'}, pictures {out / 'reconstructions'}"
-            + (f", {args.log_with} logs {run.log_dir}" if run.log_with else ""))
+        run.say(f"done after {run.state.global_step} steps ({speed}): encoder {out / 'encoder.safetensors'} (timm "
+                f"layout), checkpoints {run.ckpt_dir}, log {out / 'log.txt'}, pictures {out / 'reconstructions'}"
+                + (f", {args.log_with} logs {run.log_dir}" if run.log_with else ""))
     else:
-        say(f"done after {run.state.global_step} steps ({speed}; nothing saved: --output_dir is empty)")
+        run.say(f"done after {run.state.global_step} steps ({speed}; nothing saved: --output_dir is empty)")
 
 
 if __name__ == "__main__":

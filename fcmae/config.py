@@ -5,11 +5,22 @@ given with `--config` holds the same names as keys; flags on the command line ov
 Every bad value stops the script with one sentence naming the problem, never a traceback.
 """
 import argparse
+import contextlib
 import re
 import sys
 from pathlib import Path
 
 import yaml
+
+
+@contextlib.contextmanager
+def usage_errors(parser):
+    """Inside the block, a ConfigError stops the command as a usage error: its one sentence after
+    the command's name, exit code 2."""
+    try:
+        yield
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 class ConfigError(Exception):
@@ -69,6 +80,14 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
 
     parse.__name__ = kind.__name__
     return parse
+
+
+# the number types the commands share
+POSITIVE_INT = number(int, 1)
+COUNT = number(int, 0)
+POSITIVE = number(float, 0, low_open=True)
+NON_NEGATIVE = number(float, 0)
+QUALITY = number(int, 1, 100)  # JPEG quality
 
 
 def str2bool(value):

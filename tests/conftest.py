@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.models.backends import minkowski
+from fcmae.models.backends import BACKENDS
 
 # CUDA runs too wherever a GPU is present; CPU always. On CUDA the tolerances are the CPU ones, so
 # convolutions and products run in true fp32 (cuDNN's default is TF32, ~1e-3 relative error).
@@ -10,8 +10,8 @@ torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The exact backends under test: MinkowskiEngine's wherever it is installed (CI installs it).
-MINKOWSKI = minkowski.is_available()
-BACKEND_NAMES = ["dense", "sparse"] + (["minkowski"] if MINKOWSKI else [])
+MINKOWSKI = BACKENDS["minkowski"].available("cpu")
+BACKEND_NAMES = [name for name, backend in BACKENDS.items() if backend.available("cpu")]  # dense, the reference, first
 
 
 def randomize_(model, seed=0, scale=0.1):
@@ -42,8 +42,9 @@ def fixed_probe(shape, seed=1):
 
 def require_backend(backend, device):
     """Skip where the backend cannot run on `device` (a CPU-only MinkowskiEngine beside a GPU)."""
-    if backend == "minkowski" and not minkowski.is_available(device):
-        pytest.skip("this MinkowskiEngine is a CPU-only build (scripts/install_minkowski.sh --cuda builds the other)")
+    reason = BACKENDS[backend].cannot_run(device)
+    if reason:
+        pytest.skip(reason)
 
 
 @pytest.fixture(params=DEVICES)

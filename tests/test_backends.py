@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fcmae
-from fcmae.models.backends import minkowski, resolve_backend
+from fcmae.models.backends import BACKENDS, minkowski, resolve_backend
 from fcmae.models.backends.sparse import VisiblePatches, z_order
 from conftest import BACKEND_NAMES, MINKOWSKI, fixed_probe, rel_err, require_backend
 FP32_OUT_TOL = 2e-5   # observed ~1e-6: rounding only
@@ -51,7 +51,7 @@ def test_backends_agree_fp32(make_model, device, name, size, ratio, batch, in_ch
     assert ref[0].shape == (batch, model.encoder.num_features, size[0] // 32, size[1] // 32)
     assert ref[0].abs().max() > 0 or ratio > 0.85  # a real latent, not zeros
     for backend in BACKEND_NAMES[1:]:
-        if backend == "minkowski" and not minkowski.is_available(device):
+        if not BACKENDS[backend].available(device):
             continue  # a CPU-only MinkowskiEngine beside a GPU: the other backends are still compared
         out = run_backend(model, backend, imgs, mask)
         assert out[0].shape == ref[0].shape, backend

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fcmae.config import ConfigError
 from fcmae.data import (
-    EvalTransform, HuggingFaceSource, Images, PretrainTransform, Selection, collate, find_images, normalization,
+    EvalTransform, HuggingFaceSource, PretrainTransform, Selection, collate, find_images, normalization,
     open_images, open_source,
 )
 from test_finetune import CLASSES, SMALL as FINETUNE_SMALL, run_finetune
@@ -184,7 +184,7 @@ def test_fine_tuning_and_evaluation_read_class_labels(imagenet, tmp_path):
     # a large initial head: predictions far from uniform, so that labels matched wrongly would show
     args = ["--model", "convnextv2_atto", *FINETUNE_SMALL, "--epochs", "1", "--aa", "none", "--reprob", "0",
             "--head_init_scale", "3"]
-    folder = run_finetune(*args, "--data_path", imagenet["folders"], "--output_dir", tmp_path / "folder")
+    run_finetune(*args, "--data_path", imagenet["folders"], "--output_dir", tmp_path / "folder")
     data = run_finetune(*args, "--data_path", imagenet["disk"], "--output_dir", tmp_path / "disk")
     assert (tmp_path / "disk" / "log.txt").read_text() == (tmp_path / "folder" / "log.txt").read_text()
     assert "3 classes from" in data.stdout

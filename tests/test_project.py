@@ -167,3 +167,21 @@ def test_the_models_never_import_the_weights_package():
     for path in (ROOT / "fcmae" / "models").rglob("*.py"):
         text = path.read_text()
         assert not re.search(r"^\s*(from|import) fcmae\.weights", text, re.M), path
+
+
+def test_no_two_modules_share_a_name():
+    """A name says which module is meant (the commands' five-line `python -m` entries excepted:
+    they only name the command in fcmae/cli they run)."""
+    names = [p.name for p in (ROOT / "fcmae").rglob("*.py") if p.name != "__init__.py"]
+    entries = {"export.py", "shards.py", "shrink.py", "reconstruct.py", "bench.py"}
+    assert all((ROOT / "fcmae" / name).stat().st_size < 300 for name in entries)  # an entry, not code
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+@pytest.mark.parametrize("name", ["export", "shards", "shrink", "reconstruct", "bench"])
+def test_each_command_runs_as_a_module_and_as_a_console_script(name):
+    script = Path(sys.executable).parent / f"fcmae-{name}"
+    assert script.is_file(), f"fcmae-{name} is not installed: pip install -e . installs the console scripts"
+    for command in ([sys.executable, "-m", f"fcmae.{name}", "--help"], [str(script), "--help"]):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and f"usage: python -m fcmae.{name}" in result.stdout, result.stderr

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fcmae.data import PretrainTransform, ShardBatchSampler, Shards, open_images, write_shards
-from fcmae.data import shards as shard_module
+from fcmae.data import tar_shards as shard_module
 from test_pretrain import ROOT, SMALL, env, final_params, kill_at_checkpoint, make_images, run_pretrain, run_script
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, JpegImagePlugin
 
-from fcmae import shards as shards_command
-from fcmae import shrink as shrink_command
+from fcmae.cli import write_shards as shards_command
+from fcmae.cli import shrink_images as shrink_command
 from fcmae.config import ConfigError
 from fcmae.data.shrinking import KEPT, REENCODED, UNREADABLE, shrink_image
-from fcmae.data.writing import image_tree, shrink_folder, source_files, write_shards
+from fcmae.data.conversion import image_tree, shrink_folder, source_files, write_shards
 from test_pretrain import SMALL, make_images, run_pretrain
 from test_shards import run_module
 

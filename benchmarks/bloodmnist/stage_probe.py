@@ -20,7 +20,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from fcmae.data import EvalTransform, FullDecoder, collate, normalization, open_images
+from fcmae.data import EvalTransform, FullDecoder, class_folders, collate, normalization, open_images
 from fcmae.weights import load_classifier
 
 

@@ -73,10 +73,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fcmae import bench  # noqa: E402  (the checkout, not an installed copy)
+from fcmae.cli import benchmark as bench  # noqa: E402  (the checkout, not an installed copy)
 from fcmae.config import ConfigError  # noqa: E402
 from fcmae.data import get_decoder, write_shards  # noqa: E402
-from fcmae.models.backends import minkowski  # noqa: E402
+from fcmae.models.backends import BACKENDS  # noqa: E402
 
 FULL = dict(device="cuda", precision="bf16", input_size=224,
             models=[("convnextv2_base", 128), ("convnextv2_atto", 256)],
@@ -125,8 +125,9 @@ def machine():
 def step_table(plan, compile_, peak, deadline):
     records = []
     for model, batch in plan["models"]:
-        can_minkowski = minkowski.is_available(plan["device"]) and not compile_
-        rows = ["sparse", "dense", "timm"] + (["minkowski"] if can_minkowski else [])
+        runs = [b for b in BACKENDS.values() if b.available(plan["device"]) and (b.compiles or not compile_)]
+        ranked = sorted((b for b in runs if b.auto_rank is not None), key=lambda b: b.auto_rank)
+        rows = [b.name for b in ranked] + ["timm"] + [b.name for b in runs if b.auto_rank is None]
         args = bench.parse_args(["--model", model, "--rows", *rows, "--batch_size", str(batch),
                                  "--input_size", str(plan["input_size"]), "--device", plan["device"],
                                  "--precision", plan["precision"], "--compile", str(compile_),
@@ -149,7 +150,7 @@ def gpu_tests(plan, deadline):
         return {**record, "skipped": "out of time"}
     lines = result.stdout.strip().splitlines()
     return {**record, "returncode": result.returncode, "result": lines[-1] if lines else "",
-            "minkowski": minkowski.is_available(plan["device"]),
+            "backends": [name for name, b in BACKENDS.items() if b.available(plan["device"])],
             "output_tail": "" if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]}
 
 
@@ -236,8 +237,8 @@ def markdown(summary):
         if "skipped" in tests:
             lines.append("not run: " + tests["skipped"])
         else:
-            lines.append(f"{tests['result']} (exit status {tests['returncode']}; MinkowskiEngine on this device: "
-                         f"{'yes' if tests['minkowski'] else 'no'})")
+            lines.append(f"{tests['result']} (exit status {tests['returncode']}; backends that run on this device: "
+                         f"{', '.join(tests['backends'])})")
             if tests["output_tail"]:
                 lines += ["", "```", tests["output_tail"], "```"]
     loader = summary.get("loader", [])

@@ -8,7 +8,7 @@ from fcmae.data.contract import Selection
 from fcmae.data.folders import FolderSource
 from fcmae.data.hugging_face import HuggingFaceSource
 from fcmae.data.images import Images
-from fcmae.data.shards import ShardSource
+from fcmae.data.tar_shards import ShardSource
 
 SOURCES = (HuggingFaceSource, ShardSource, FolderSource)
 

@@ -1,5 +1,5 @@
 """Shrinking one image, once, on write: an image file larger than a size re-encoded at that size,
-the others kept byte for byte (see shrink_image). fcmae.data.writing uses it for shards and for a
+the others kept byte for byte (see shrink_image). fcmae.data.conversion uses it for shards and for a
 shrunk copy of a folder."""
 import io
 from pathlib import Path

@@ -88,7 +88,7 @@ class ConvNeXtV2Encoder(nn.Module):
 
         num_visible: the number of visible patches of every sample, when known (random masks):
         then no backend waits for the device to learn it."""
-        return get_backend(self.backend)(self, imgs, mask, num_visible)
+        return get_backend(self.backend).forward(self, imgs, mask, num_visible)
 
 
 __all__ = [

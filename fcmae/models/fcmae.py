@@ -6,7 +6,7 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from fcmae.models.backends import BACKEND_CHOICES, resolve_backend
+from fcmae.models.backends import BACKEND_CHOICES, BACKENDS, resolve_backend
 from fcmae.models.backends.common import linear
 from fcmae.models.backends.dense import dense_block
 from fcmae.models.convnextv2 import ENCODER_STRIDE, ConvNeXtV2Encoder, check_model_name
@@ -221,9 +221,10 @@ class FCMAE(nn.Module):
     def compile(self, **kwargs):
         """torch.compile the part of `forward` after the mask checks (encoder, decoder, loss);
         keyword arguments go to torch.compile. The checks stay eager: they read the mask's values."""
-        if self.backend == "minkowski":
-            raise ValueError("the minkowski backend cannot be compiled (torch.compile cannot trace MinkowskiEngine); "
-                             "use backend 'sparse' to compile, or run it eagerly")
+        backend = BACKENDS[self.backend]
+        if not backend.compiles:
+            raise ValueError(backend.compile_refusal(f"the {backend.name} backend", f"use backend "
+                                                     f"'{resolve_backend('auto')}' to compile, or run it eagerly"))
         self.forward_masked = torch.compile(self.forward_masked, **kwargs)
         return self
 

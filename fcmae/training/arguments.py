@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fcmae.config import ConfigError, number, str2bool
+from fcmae.config import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigError, number, str2bool
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER
 from fcmae.data.hugging_face import parse_splits
 from fcmae.models import ENCODER_STRIDE, list_models
@@ -24,12 +24,6 @@ GROUPS = (
     ("checkpoints", "checkpoints and logs"),
     ("devices", "devices and precision"),
 )
-
-POSITIVE_INT = number(int, 1)
-COUNT = number(int, 0)
-POSITIVE = number(float, 0, low_open=True)
-NON_NEGATIVE = number(float, 0)
-QUALITY = number(int, 1, 100)  # JPEG quality
 
 
 def argument_groups(parser):

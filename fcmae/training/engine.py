@@ -1,8 +1,10 @@
 """The training loop that pretrain.py and finetune.py share.
 
 A `Run` owns the accelerator, the output folder (checkpoints, log.txt, args.json, trackers) and
-the `TrainState`; `Run.fit` runs the optimiser steps. The scripts say only what differs: the
-dataset, the loss of a micro-batch, and what happens after a step and at the end of an epoch.
+the `TrainState`; `Run.plan` makes the schedule, `Run.start` sets a model up (weights, optimiser,
+compile, prepare, resume, logs: the one order that works) and `Run.fit` runs the optimiser steps.
+The scripts say only what differs: the data, the model, the loss of a micro-batch, and what
+happens after a step and at the end of an epoch.
 
 Everything a step computes is a function of (seed, step): the data order and augmentation come
 from the dataset's batch sampler and per-sample seeds, and the global random generators are re-seeded
@@ -36,6 +38,8 @@ from fcmae.data import DataError, collate, derive_seed
 from fcmae.optim import cosine_lr, set_lr
 from fcmae.training.checkpoint import Checkpoint, TrainState, check_fits, latest_checkpoint, save_checkpoint
 from fcmae.training.signals import PREEMPTED_EXIT_CODE, StopSignals, ignore_signals
+from fcmae.weights import WeightsError
+from fcmae.weights import describe as describe_loaded
 
 
 @dataclass
@@ -71,8 +75,9 @@ class Run:
     save_ckpt_freq, save_ckpt_steps, save_ckpt_num, save_ckpt_minutes, stop_signals, dist_timeout,
     remap_epochs, log_every, batch_size, update_freq, num_workers, pin_mem, clip_grad)."""
 
-    def __init__(self, args, name, mixed_precision=None):
+    def __init__(self, args, name, mixed_precision=None, resume_advice=""):
         self.args, self.name = args, name
+        self.resume_advice = resume_advice  # added to the sentence refusing another run's checkpoint
         self.out = Path(args.output_dir) if args.output_dir else None
         self.log_dir = Path(args.log_dir) if args.log_dir else self.out
         self.log_with = None if args.log_with == "none" or self.log_dir is None else args.log_with
@@ -126,6 +131,55 @@ class Run:
         """--lr, or --blr scaled by the effective batch / 256 (the official rule)."""
         return self.args.lr if self.args.lr is not None else self.args.blr * self.eff_batch / 256
 
+    def plan(self, dataset, warmup_epochs, warmup_steps=0):
+        """The schedule of training on `dataset` (None: nothing to train, as for an evaluation):
+        steps per epoch, peak lr, warm-up (`warmup_steps` instead of epochs when above 0);
+        ConfigError when the data is less than one batch."""
+        a = self.args
+        steps = self.steps_per_epoch(dataset) if dataset is not None else 1
+        warmup = warmup_steps / steps if warmup_steps > 0 else warmup_epochs
+        return Schedule(a.epochs, steps, self.peak_lr(), a.min_lr, warmup, a.max_steps)
+
+    def load_weights(self, load, model, path):
+        """`load(model, path)` (a fcmae.weights loader), said; ConfigError naming the file when it does not fit."""
+        try:
+            loaded = load(model, path)
+        except WeightsError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        self.say(describe_loaded(loaded, path))
+        return loaded
+
+    def start(self, model, schedule, make_optimizer, load, weights=(), extras=None, compile_options=None,
+              summary=None):
+        """Set `model` up to train, in the one order that works; returns (model, optimizer), prepared.
+
+        1. the files of `weights`, then a --resume weights file, each loaded by `load(model, path)`;
+        2. extras(model) -> {name: module}: a script's own state (fine-tuning's EMA), made from the
+           loaded weights and saved with every checkpoint;
+        3. make_optimizer(model); 4. torch.compile with --compile (`compile_options`), after the
+           extras are copied; 5. accelerate's prepare; 6. the resume (restore); 7. summary(model)
+           said (the unwrapped model), with the batch and learning rate; the logs opened.
+        ConfigError for anything a user must fix (weights that do not fit, a foreign checkpoint).
+        """
+        args = self.args
+        resume_file = args.resume if args.resume and Path(args.resume).is_file() else ""
+        loaded = None
+        for path in filter(None, [*weights, resume_file]):
+            loaded = self.load_weights(load, model, path)
+        kept = extras(model) if extras is not None else {}
+        optimizer = make_optimizer(model)
+        if args.compile:
+            model.compile(**(compile_options or {}))
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        for name, module in kept.items():
+            self.keep(name, module)
+        self.restore(model, optimizer, schedule.steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
+        if summary is not None:
+            self.say(summary(self.accelerator.unwrap_model(model)))
+        self.describe_batch(schedule.lr, schedule.steps_per_epoch)
+        self.open_logs()
+        return model, optimizer
+
     def describe_batch(self, lr, steps_per_epoch):
         a = self.args
         self.say(f"effective batch {self.eff_batch} = {a.batch_size} x {a.update_freq} accumulation x {self.world} "
@@ -151,8 +205,7 @@ class Run:
             if problem:
                 where = "--resume" if folder == args.resume else f"--output_dir {args.output_dir}"
                 raise ConfigError(f"{problem} (found through {where}); give this run an --output_dir of its own"
-                                  + (" and pass pretrained weights with --finetune" if self.name == "fcmae_finetune"
-                                     else ""))
+                                  + self.resume_advice)
             checkpoint = Checkpoint(folder)
             remapped = self.check_shape(checkpoint, steps_per_epoch)
             checkpoint.load_model(self.accelerator.unwrap_model(model))
@@ -286,84 +339,99 @@ class Run:
     def _train(self, model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode, after_step,
                end_epoch, progress):
         """fit's epochs and steps, while the stop signals are handled and a lost peer is one sentence."""
-        args, state, acc = self.args, self.state, self.accelerator
-        train_mode = train_mode or model.train
+        state = self.state
         sampler = self.batch_sampler(dataset)
         loader = self.loader(dataset, sampler)
         stopped = state.global_step >= schedule.last_step
         while state.epoch < schedule.epochs and not stopped:
             epoch = state.epoch
-            train_mode()
+            (train_mode or model.train)()
             sampler.set_epoch(epoch, start_step=state.step_in_epoch)
             batches = iter(loader)
-            if not state.epoch_sums:
-                state.epoch_sums = {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
+            state.epoch_sums = state.epoch_sums or {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
             self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
             for step in range(state.step_in_epoch, schedule.steps_per_epoch):
-                step_lr = schedule.lr_at(state.global_step)
-                set_lr(optimizer, step_lr)
-                seed_step(args.seed, state.global_step, self.rank)
-                step_loss, skipped = None, 0
-                for micro in range(args.update_freq):
-                    try:
-                        batch = next(batches)
-                    except DataError as err:  # raised in a worker, it carries the worker's traceback
-                        self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
-                                  advice="make the data readable")
-                    sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
-                    with contextlib.nullcontext() if sync else acc.no_sync(model):
-                        with acc.autocast():
-                            loss, n_skipped = micro_step(batch)
-                        acc.backward(loss / args.update_freq)
-                    loss = loss.detach().float() / args.update_freq
-                    step_loss = loss if step_loss is None else step_loss + loss
-                    skipped += n_skipped
-                log_now = (state.global_step + 1) % args.log_every == 0
-                grad_norm = None
-                if args.clip_grad is not None or log_now:
-                    max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                self.pending.append((state.global_step, step_lr, step_loss, skipped))
-                state.global_step += 1
+                step_lr, grad_norm = self.optimizer_step(model, optimizer, batches, schedule, micro_step)
                 state.step_in_epoch = step + 1
                 if after_step is not None:
                     after_step()
                 progress.update(1)
-                if log_now:
-                    loss_value = self.read_losses(epoch, progress)
-                    if self.log_with:
-                        scalars = {"train/loss": loss_value, "train/lr": step_lr,
-                                   "train/images_per_s": self.images_per_s}
-                        if grad_norm is not None:
-                            scalars["train/grad_norm"] = float(grad_norm)
-                        acc.log(scalars, step=state.global_step)
-                if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0 or self.save_agreed:
-                    self.checkpoint(epoch, progress)
+                self.log_and_save(epoch, progress, step_lr, grad_norm)
                 if state.global_step >= schedule.last_step:
                     stopped = True
                     break
                 if self.stop_agreed:
                     break  # saved below, at the end of the epoch when this step ended it
+            self.end_of_epoch(epoch, schedule, end_epoch, n_parameters, stopped, progress)
 
-            self.read_losses(epoch, progress)
-            sums = state.epoch_sums
-            epoch_done = state.step_in_epoch == schedule.steps_per_epoch
-            extra = {}
-            if epoch_done:
-                state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
-                extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
-            scheduled = epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)
-            if stopped or scheduled or self.stop_agreed or self.save_agreed:
-                self.checkpoint()
-            if epoch_done:
-                self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
-                                 **extra, "epoch": epoch, "n_parameters": n_parameters,
-                                 "skipped_images": sums["skipped"]})
-            if self.stop_agreed and not stopped and state.epoch < schedule.epochs:
-                progress.close()
-                self.preempted()
+    def optimizer_step(self, model, optimizer, batches, schedule, micro_step):
+        """One optimiser step: --update_freq micro-batches (gradients all-reduced on the last one
+        only), clipping, the update. The loss stays on the device (see read_losses); returns
+        (lr, grad norm or None: it is computed with --clip_grad or when the step is logged)."""
+        args, state, acc = self.args, self.state, self.accelerator
+        step_lr = schedule.lr_at(state.global_step)
+        set_lr(optimizer, step_lr)
+        seed_step(args.seed, state.global_step, self.rank)
+        step_loss, skipped = None, 0
+        for micro in range(args.update_freq):
+            try:
+                batch = next(batches)
+            except DataError as err:  # raised in a worker, it carries the worker's traceback
+                self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
+                          advice="make the data readable")
+            sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    loss, n_skipped = micro_step(batch)
+                acc.backward(loss / args.update_freq)
+            loss = loss.detach().float() / args.update_freq
+            step_loss = loss if step_loss is None else step_loss + loss
+            skipped += n_skipped
+        grad_norm = None
+        if args.clip_grad is not None or (state.global_step + 1) % args.log_every == 0:
+            max_norm = args.clip_grad if args.clip_grad is not None else float("inf")
+            grad_norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.pending.append((state.global_step, step_lr, step_loss, skipped))
+        state.global_step += 1
+        return step_lr, grad_norm
+
+    def log_and_save(self, epoch, progress, step_lr, grad_norm):
+        """After a step: the loss read back and the scalars logged every --log_every steps; a
+        checkpoint every --save_ckpt_steps steps, or when the processes agreed on a save."""
+        args, state = self.args, self.state
+        if state.global_step % args.log_every == 0:
+            loss_value = self.read_losses(epoch, progress)
+            if self.log_with:
+                scalars = {"train/loss": loss_value, "train/lr": step_lr, "train/images_per_s": self.images_per_s}
+                if grad_norm is not None:
+                    scalars["train/grad_norm"] = float(grad_norm)
+                self.accelerator.log(scalars, step=state.global_step)
+        if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0 or self.save_agreed:
+            self.checkpoint(epoch, progress)
+
+    def end_of_epoch(self, epoch, schedule, end_epoch, n_parameters, stopped, progress):
+        """Where an epoch's steps end (complete, or stopped): the losses read back; for a complete
+        epoch the script's end_epoch and the log line; a checkpoint when one is due; the exit of
+        a preempted run."""
+        args, state = self.args, self.state
+        self.read_losses(epoch, progress)
+        sums = state.epoch_sums
+        epoch_done = state.step_in_epoch == schedule.steps_per_epoch
+        extra = {}
+        if epoch_done:
+            state.epoch, state.step_in_epoch, state.epoch_sums = epoch + 1, 0, {}
+            extra = (end_epoch(epoch) if end_epoch is not None else None) or {}
+        scheduled = epoch_done and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == schedule.epochs)
+        if stopped or scheduled or self.stop_agreed or self.save_agreed:
+            self.checkpoint()
+        if epoch_done:
+            self.append_log({"train_loss": sums["loss"] / sums["steps"], "train_lr": sums["lr"] / sums["steps"],
+                             **extra, "epoch": epoch, "n_parameters": n_parameters, "skipped_images": sums["skipped"]})
+        if self.stop_agreed and not stopped and state.epoch < schedule.epochs:
+            progress.close()
+            self.preempted()
 
     def read_losses(self, epoch, progress=None):
         """Read back the losses of the steps not read yet (one host synchronisation and one

@@ -1,36 +1,38 @@
 """Encoder backends: interchangeable implementations of the masked ConvNeXt V2 encoder.
 
-A backend is a function `forward(encoder, imgs, mask) -> latent` over the parameters of a
-`ConvNeXtV2Encoder`; all backends share that one parameter layout, so a model trained with
-one runs with any other.
+A backend is a record (fcmae.models.backends.record.Backend) around a function
+`forward(encoder, imgs, mask) -> latent` over the parameters of a `ConvNeXtV2Encoder`; all
+backends share that one parameter layout, so a model trained with one runs with any other. A
+new backend is one file defining its `BACKEND` record, and one line in BACKENDS below.
 """
-from fcmae.models.backends import minkowski
-from fcmae.models.backends.dense import dense_forward
-from fcmae.models.backends.sparse import sparse_forward
+from fcmae.models.backends import dense, minkowski, sparse
+from fcmae.models.backends.record import Backend
 
-BACKENDS = {
-    "dense": dense_forward,
-    "sparse": sparse_forward,
-    "minkowski": minkowski.minkowski_forward,  # optional: needs MinkowskiEngine
-}
+BACKENDS = {backend.name: backend for backend in (
+    dense.BACKEND,
+    sparse.BACKEND,
+    minkowski.BACKEND,
+)}
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
 
 def resolve_backend(name, device=None):
-    """The concrete backend for `name`; "auto" picks the fastest installed exact backend."""
+    """The name of the concrete backend for `name`: "auto" picks the available backend that ranks
+    first; a named one must be installed (ValueError, one sentence, when it is not)."""
     if name == "auto":
-        # The pure-PyTorch sparse backend is the fastest exact one on every device measured so far,
-        # MinkowskiEngine included (see README, Benchmarks).
-        return "sparse"
+        ranked = sorted((b for b in BACKENDS.values() if b.auto_rank is not None), key=lambda b: b.auto_rank)
+        return next(b.name for b in ranked if b.available(device))
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKEND_CHOICES)}")
-    if name == "minkowski":
-        minkowski.import_minkowski()  # a clear error, with the install command, when it is missing
+    reason = BACKENDS[name].cannot_run()
+    if reason:
+        raise ValueError(reason)
     return name
 
 
 def get_backend(name):
+    """The record of backend `name` (or of what "auto" chooses)."""
     return BACKENDS[resolve_backend(name)]
 
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "resolve_backend", "get_backend"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "resolve_backend", "get_backend"]

@@ -16,6 +16,7 @@ from fcmae.layouts import to_theirs
 from fcmae.models.backends.common import (
     ENCODER_STRIDE, block_pointwise, grn_by_sample, layer_norm, patch_visibility, upsample_visibility,
 )
+from fcmae.models.backends.record import Backend
 
 INSTALL_HINT = ("the minkowski backend needs MinkowskiEngine, which is not installed; build and install it "
                 "with `bash scripts/install_minkowski.sh` (about 10 minutes), or use backend 'sparse'")
@@ -35,14 +36,11 @@ def import_minkowski():
     return MinkowskiEngine
 
 
-def is_available(device="cpu"):
-    """Whether the backend can run on `device` ("cpu" or "cuda"): MinkowskiEngine is installed and,
-    for CUDA, is the CUDA build."""
-    try:
-        me = import_minkowski()
-    except ValueError:
-        return False
-    return torch.device(device).type != "cuda" or bool(me.is_cuda_available())
+def check(device=None):
+    """ValueError (one sentence) when MinkowskiEngine is missing or, for CUDA, is a CPU-only build."""
+    me = import_minkowski()
+    if device is not None:
+        check_device(me, torch.device(device))
 
 
 def check_device(me, device):
@@ -125,3 +123,9 @@ def minkowski_forward(encoder, imgs, mask, num_visible=None):
     latent = x.F.new_zeros(n, height // ENCODER_STRIDE, width // ENCODER_STRIDE, x.F.shape[1])
     latent = latent.index_put((coords[:, 0], coords[:, 1] // stride, coords[:, 2] // stride), x.F)
     return latent.permute(0, 3, 1, 2)
+
+
+# optional: needs MinkowskiEngine (scripts/install_minkowski.sh); never chosen by "auto", which the
+# pure-PyTorch sparse backend outruns on every device measured (README, Performance)
+BACKEND = Backend("minkowski", minkowski_forward, not_compilable="torch.compile cannot trace MinkowskiEngine",
+                  check=check)

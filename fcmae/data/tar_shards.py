@@ -1,5 +1,5 @@
 """The source of webdataset tar shards: finding them, and reading them in an exact, resumable order
-(fcmae.data.writing writes them).
+(fcmae.data.conversion writes them).
 
 --data_path may name a folder of shards with its index, an index file (a path, URL or
 `pipe:` command; shard names in it are relative to it), or shards themselves (one .tar, a brace

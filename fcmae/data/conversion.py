@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fcmae.config import ConfigError
 from fcmae.data.folders import IMG_EXTENSIONS, class_folders, find_images
-from fcmae.data.shards import INDEX, webdataset
+from fcmae.data.tar_shards import INDEX, webdataset
 from fcmae.data.shrinking import (
     DEFAULT_QUALITY, KEPT, REENCODED, UNREADABLE, Shrunk, check_shrink_settings, shrink_file,
 )
