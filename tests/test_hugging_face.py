@@ -178,6 +178,7 @@ def test_pretraining_trains_as_on_the_folder_and_resumes_exactly(imagenet, tmp_p
         assert (tmp_path / run / "log.txt").read_text() == (tmp_path / "folder" / "log.txt").read_text(), run
 
 
+@pytest.mark.slow
 def test_fine_tuning_and_evaluation_read_class_labels(imagenet, tmp_path):
     """finetune.py on the DatasetDict (train and validation splits, the latter numbering the classes
     otherwise) trains and evaluates exactly as on train/ and val/ folders of the same images."""
