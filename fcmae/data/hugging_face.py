@@ -81,7 +81,8 @@ def holds_splits(data_path):
 
 
 def load(data_path, flag):
-    """{split name: Dataset} of --data_path ({None: Dataset} when it names one unnamed split)."""
+    """{split name: Dataset} of --data_path ({None: Dataset} when it names one unnamed split; all
+    the splits of hf:NAME:SPLIT's dataset)."""
     datasets = datasets_library()
     kind, text = kind_of(data_path), str(data_path)
     try:
@@ -95,15 +96,7 @@ def load(data_path, flag):
             return {None: datasets.load_dataset("parquet", data_files=files, split="train")}
         if kind == "parquet":
             return dict(datasets.load_dataset("parquet", data_dir=text))
-        name, split = hub_name(text)
-        loaded = dict(datasets.load_dataset(name))
-        if split is None:
-            return loaded
-        wanted = parse_splits(split)
-        missing = [s for s in wanted if s not in loaded]
-        if missing:
-            raise ConfigError(f"{flag} {HUB_PREFIX}{name} has no split {missing[0]!r}; its splits: {', '.join(loaded)}")
-        return {s: loaded[s] for s in wanted}
+        return dict(datasets.load_dataset(hub_name(text)[0]))  # every split; open picks those asked for
     except ConfigError:
         raise
     except Exception as err:  # the library's many error types (missing files, network, Arrow, configs)
@@ -231,16 +224,17 @@ class HuggingFaceSource(IndexedSource):
     def open(cls, data_path, labelled=False, flag="--data_path", selection=Selection()):
         loaded = load(data_path, flag)
         where = str(data_path)
+        named = hub_name(data_path)[1] if kind_of(data_path) == "hub" else None  # hf:NAME:SPLIT
         if holds_splits(data_path):
             splits = selection.splits or (DEFAULT_SPLIT,)
-            missing = [s for s in splits if s not in loaded]
-            if missing:
-                raise ConfigError(f"{flag} {where} has no split {missing[0]!r}; its splits: {', '.join(loaded)}")
         elif selection.splits is not None:
             raise ConfigError(f"{flag} {where} is a single split, so no split can be chosen of it (asked for "
                               f"{'+'.join(selection.splits)}); name the whole dataset, or leave the split out")
         else:
-            splits = tuple(loaded)  # the one split, or those that hf:NAME:SPLIT names
+            splits = parse_splits(named) if named else tuple(loaded)  # those hf:NAME:SPLIT names, or the one split
+        missing = [s for s in splits if s not in loaded]
+        if missing:
+            raise ConfigError(f"{flag} {where} has no split {missing[0]!r}; its splits: {', '.join(loaded)}")
         parts = [Part(split, loaded[split], selection, labelled, where) for split in splits]
         if not sum(len(part) for part in parts):
             named = f" in {'+'.join(splits)}" if splits != (None,) else ""
