@@ -233,9 +233,9 @@ def evaluate_epoch(args, run, model, ema, eval_set, epoch):
     """The evaluation at the end of an epoch: said, logged, metrics.json, the best weights kept;
     returns the entries of the epoch's log line."""
     stats = evaluation_entries(run, model, ema, eval_set, args.model_ema_eval)
-    keep_best(run, stats, {"": model, "_ema": ema.module if ema is not None else None}, epoch, args.model)
-    run.write_metrics({"epoch": epoch, "data": eval_set.source.where, **stats, "best": run.state.best})
-    run.say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {run.state.best['acc1']:.2f}%), top-5 "
+    best = keep_best(run, stats, {"": model, "_ema": ema.module if ema is not None else None}, epoch, args.model)
+    run.write_metrics({"epoch": epoch, "data": eval_set.source.where, **stats, "best": best})
+    run.say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {best['acc1']:.2f}%), top-5 "
             f"{stats['test_acc5']:.2f}%, loss {stats['test_loss']:.4f}"
             + (f"; EMA top-1 {stats['test_acc1_ema']:.2f}%" if "test_acc1_ema" in stats else ""))
     if run.log_with:
@@ -244,10 +244,10 @@ def evaluate_epoch(args, run, model, ema, eval_set, epoch):
 
 
 def keep_best(run, stats, weights, epoch, model_name):
-    """Update the best accuracies in the run's state (saved with its checkpoints) and write
-    model_best{,_ema}.safetensors when they improve; adds max_accuracy entries to `stats`.
-    `weights`: {"": model, "_ema": EMA model or None}."""
-    best = run.state.best
+    """Update the best accuracies (returned; kept in the run's state, saved with its checkpoints)
+    and write model_best{,_ema}.safetensors when they improve; adds max_accuracy entries to
+    `stats`. `weights`: {"": model, "_ema": EMA model or None}."""
+    best = run.state.script.setdefault("best", {})
     for suffix, module in weights.items():
         acc1 = stats.get(f"test_acc1{suffix}")
         if acc1 is None or module is None:
@@ -258,6 +258,7 @@ def keep_best(run, stats, weights, epoch, model_name):
                 save_weights(module.state_dict(), run.out / f"model_best{suffix}.safetensors",
                              metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}"})
         stats[f"max_accuracy{suffix}"] = best[f"acc1{suffix}"]
+    return best
 
 
 def probe_note(args):
@@ -331,7 +332,7 @@ def main(argv=None):
             after_step=after_step, end_epoch=end_epoch)
     run.check_replicas(unwrapped)
     run.finish()
-    best = run.state.best
+    best = run.state.script.get("best", {})
     if best:
         run.say(f"done after {run.state.global_step} steps: best top-1 {best['acc1']:.2f}% at epoch {best['epoch']}"
                 + (f" ({run.out / 'model_best.safetensors'})" if run.out and args.save_ckpt else "")

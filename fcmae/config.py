@@ -52,6 +52,13 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def command_name(short):
+    """How the user started command `short`: `fcmae-<short>` (the console script) or
+    `python -m fcmae.<short>`, for its usage and error lines."""
+    invoked = Path(sys.argv[0]).name
+    return invoked if invoked == f"fcmae-{short}" else f"python -m fcmae.{short}"
+
+
 def number(kind, low=None, high=None, low_open=False, high_open=False):
     """An argparse `type` for an int or float within bounds: the one place a flag's range is
     checked, for the command line and config files alike. A value out of range is one sentence:

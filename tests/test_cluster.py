@@ -219,6 +219,23 @@ def test_a_checkpoint_from_before_this_format_resumes_bitwise_and_its_pickles_ru
     assert not witness.exists() and "could run code" in err and len(err.strip().splitlines()) == 1
 
 
+def test_the_train_state_keeps_a_scripts_numbers_and_reads_the_older_layout():
+    """Fine-tuning's best accuracies live in TrainState.script; a state.json written before that
+    (with "best" beside the counters) is read into it."""
+    import json
+    from fcmae.training.checkpoint import TrainState
+    state = TrainState()
+    state.global_step, state.script["best"] = 8, {"acc1": 50.0, "epoch": 1}
+    back = TrainState()
+    back.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert back.state_dict() == state.state_dict()
+    older = {"epoch": 2, "step_in_epoch": 0, "global_step": 8, "epoch_sums": {}, "best": {"acc1": 50.0, "epoch": 1}}
+    back = TrainState()
+    back.load_state_dict(older)
+    assert back.script == {"best": {"acc1": 50.0, "epoch": 1}} and back.global_step == 8
+    assert "best" not in back.state_dict()
+
+
 def test_a_changed_effective_batch_is_refused_or_remapped_by_epochs(images, finished, tmp_path, capsys):
     folder = finished / "checkpoints" / "checkpoint-00000009"  # epoch 1, 3 of its 6 steps done
     _, err = pretrain_here(*SMALL, "--data_path", images, "--resume", folder, "--batch_size", "8",

@@ -226,8 +226,8 @@ def test_a_fine_tuned_head_loads_when_it_fits_and_is_replaced_when_not(tmp_path)
         state = tuned.state_dict()
         if layout == "official":  # the dense official layout with its head
             official = {theirs: layouts.to_theirs(state[ours.removeprefix("encoder.")], kind)
-                        for ours, theirs, kind in weights.layout_rows(weights.Architecture("convnextv2_atto", 3),
-                                                                "official")}
+                        for ours, theirs, kind in weights.weight_format("official").rows(
+                            weights.Architecture("convnextv2_atto", 3))}
             official.update({"norm.weight": state["head.norm.weight"], "norm.bias": state["head.norm.bias"],
                              "head.weight": state["head.fc.weight"], "head.bias": state["head.fc.bias"]})
             state = {"model": official}
@@ -343,6 +343,9 @@ def test_resume_continues_exactly(data, encoder_file, tmp_path):
             "--layer_decay", "0.8", "--warmup_epochs", "1"]
     run_finetune(*args, "--output_dir", tmp_path / "straight")
     run_finetune(*args, "--output_dir", tmp_path / "stopped", "--max_steps", "8")  # stops inside epoch 2
+    # the best accuracies of epochs 0 and 1 are saved with the checkpoint, as fine-tuning's own state
+    saved = json.loads((last_checkpoint(tmp_path / "stopped") / "state.json").read_text())["train_state"]
+    assert saved["script"]["best"]["epoch"] in (0, 1) and "acc1_ema" in saved["script"]["best"]
     result = run_finetune(*args, "--output_dir", tmp_path / "stopped")
     assert "resumed from" in result.stdout and "step 8" in result.stdout
     straight = last_checkpoint(tmp_path / "straight")

@@ -182,6 +182,7 @@ def test_no_two_modules_share_a_name():
 def test_each_command_runs_as_a_module_and_as_a_console_script(name):
     script = Path(sys.executable).parent / f"fcmae-{name}"
     assert script.is_file(), f"fcmae-{name} is not installed: pip install -e . installs the console scripts"
-    for command in ([sys.executable, "-m", f"fcmae.{name}", "--help"], [str(script), "--help"]):
+    for command, usage in (([sys.executable, "-m", f"fcmae.{name}", "--help"], f"usage: python -m fcmae.{name}"),
+                           ([str(script), "--help"], f"usage: fcmae-{name} ")):
         result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and f"usage: python -m fcmae.{name}" in result.stdout, result.stderr
+        assert result.returncode == 0 and usage in result.stdout, (usage, result.stdout[:200], result.stderr)

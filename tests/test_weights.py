@@ -217,6 +217,45 @@ def test_classifier_heads_are_dropped_and_reported(tmp_path):
         assert rel_err(latent(model, imgs), classifier.eval().forward_features(imgs)) < 2e-5
 
 
+class Prefixed(weights.formats.Timm):
+    """A made-up format for the test: timm's keys under 'backbone.', the head under 'cls.'."""
+    name = "prefixed"
+    stem_key = "backbone.stem.0.weight"
+    block_pattern = r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.weight"
+    classifier_pattern = r"cls\..*"
+    head_keys = {"cls.weight": "head.fc.weight", "cls.bias": "head.fc.bias"}
+
+    def rows(self, arch, shapes=None):
+        return [(ours, f"backbone.{theirs}", kind) for ours, theirs, kind in super().rows(arch, shapes)]
+
+    def head(self, state):
+        return weights.WeightFormat.head(self, state)
+
+
+def test_a_format_added_to_formats_alone_is_read_exported_and_gives_heads(monkeypatch, tmp_path):
+    """The contributor's note: a new format is its class and its FORMATS entry, nothing else."""
+    monkeypatch.setattr(weights.formats, "FORMATS", (*weights.formats.FORMATS, Prefixed()))
+    model = fcmae.create_model("convnextv2_atto", decoder_depth=1, decoder_embed_dim=32)
+    path, report = weights.export(model, "prefixed", tmp_path / "prefixed.safetensors")
+    written = load_file(path)
+    assert all(k.startswith("backbone.") for k in written) and "backbone.stem.0.weight" in written
+    assert "mask_token" in report["dropped"]
+    encoder = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")}
+    assert_same_tensors(weights.load(path), encoder)
+    # its classifier head goes to timm's head on fine-tuning, and strictness holds
+    classifier = timm.create_model("convnextv2_atto", num_classes=4)
+    state = {**written, "cls.weight": torch.randn(4, 320), "cls.bias": torch.randn(4)}
+    report = weights.load_classifier(classifier, state)
+    assert report["head"] == "classifier loaded" and torch.equal(classifier.head.fc.bias, state["cls.bias"])
+    del state["backbone.stem.0.bias"]
+    with pytest.raises(WeightsError, match="prefixed weights of convnextv2_atto do not match; missing 1: "
+                                           "backbone.stem.0.bias"):
+        weights.load(state)
+    with pytest.raises(WeightsError, match="unknown export format 'minkowski'; choose one of: timm, official, hf, "
+                                           "prefixed"):
+        weights.export(model, "minkowski", tmp_path / "x")
+
+
 def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from fcmae.config import COUNT, POSITIVE_INT, ArgumentParser, ConfigError, number, str2bool
+from fcmae.config import COUNT, POSITIVE_INT, ArgumentParser, ConfigError, command_name, number, str2bool
 from fcmae.data import (
     DECODERS, DEFAULT_DECODER, PretrainTransform, collate, get_decoder, is_hugging_face, is_shard_source, open_images,
     source_class,
@@ -41,7 +41,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser("python -m fcmae.bench", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = ArgumentParser(command_name("bench"), description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", nargs="+", default=["convnextv2_atto"], choices=list_models(), metavar="NAME",
                         help=f"one or more ConvNeXt V2 sizes: {', '.join(list_models())}")
     parser.add_argument("--rows", nargs="+", default=None, choices=[*BACKENDS, "timm"], metavar="ROW",

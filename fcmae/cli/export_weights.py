@@ -7,12 +7,12 @@
 CHECKPOINT is anything fcmae.weights reads: a pretraining checkpoint folder, an exported encoder,
 an official (dense or MinkowskiEngine) checkpoint, a timm or Hugging Face state dict.
 """
-from fcmae.config import ArgumentParser
+from fcmae.config import ArgumentParser, command_name
 from fcmae.weights import EXPORT_FORMATS, WeightsError, export
 
 
 def main(argv=None):
-    parser = ArgumentParser("python -m fcmae.export", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(command_name("export"), description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     parser.add_argument("--output", required=True, help="file (timm, official) or folder (hf)")

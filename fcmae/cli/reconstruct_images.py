@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.utils import save_image
 
-from fcmae.config import COUNT, ArgumentParser, number, str2bool
+from fcmae.config import COUNT, ArgumentParser, command_name, number, str2bool
 from fcmae.data import derive_seed, normalization, view_transform
 from fcmae.models import ENCODER_STRIDE, list_models, random_patch_mask
 from fcmae.visualize import reconstruction_grid
@@ -21,7 +21,7 @@ from fcmae.weights import WeightsError, load_fcmae
 
 
 def get_args_parser():
-    p = ArgumentParser("python -m fcmae.reconstruct", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = ArgumentParser(command_name("reconstruct"), description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("weights", help="a pretraining checkpoint (with the decoder)")
     p.add_argument("images", nargs="+", help="image files, one row of the picture each")
     p.add_argument("--output", default="reconstruction.png", help="the picture (PNG)")

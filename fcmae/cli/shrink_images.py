@@ -10,7 +10,7 @@ longer side exceeds --max_size are re-encoded to exactly that (aspect kept, same
 continues an interrupted one. python -m fcmae.shards --max_size does the same on the way into shards.
 See fcmae/data/shrinking.py (shrink_image) for what is re-encoded and how.
 """
-from fcmae.config import POSITIVE_INT, QUALITY, ArgumentParser, ConfigError
+from fcmae.config import POSITIVE_INT, QUALITY, ArgumentParser, ConfigError, command_name
 from fcmae.data.conversion import DEFAULT_QUALITY, cpu_count, shrink_folder
 
 
@@ -23,7 +23,7 @@ def size(count):
 
 
 def main(argv=None):
-    p = ArgumentParser("python -m fcmae.shrink", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = ArgumentParser(command_name("shrink"), description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("src", help="a folder of images (class sub-folders or any nesting)")
     p.add_argument("out", help="the folder for the copy: new, or written by an earlier run of this command")
     p.add_argument("--max_size", type=POSITIVE_INT, required=True,

@@ -13,13 +13,13 @@ fcmae/data/tar_shards.py for how the training scripts read it.
 """
 from pathlib import Path
 
-from fcmae.config import COUNT, POSITIVE_INT, QUALITY, ArgumentParser, ConfigError, str2bool
+from fcmae.config import COUNT, POSITIVE_INT, QUALITY, ArgumentParser, ConfigError, command_name, str2bool
 from fcmae.data.tar_shards import INDEX
 from fcmae.data.conversion import DEFAULT_QUALITY, cpu_count, write_shards
 
 
 def main(argv=None):
-    p = ArgumentParser("python -m fcmae.shards", description=" ".join(__doc__.split("\n\n")[0].split()))
+    p = ArgumentParser(command_name("shards"), description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("src", help="a folder of images: class sub-folders (labelled) or any nesting (unlabelled)")
     p.add_argument("out", help="the folder for the shards and index.json")
     p.add_argument("--per_shard", type=POSITIVE_INT, default=1000, help="images per shard")

@@ -195,7 +195,7 @@ class TrainState:
         self.step_in_epoch = 0    # optimiser steps done in it
         self.global_step = 0      # optimiser steps done in all
         self.epoch_sums = {}      # running sums for the epoch's log line
-        self.best = {}            # best evaluation results so far (fine-tuning)
+        self.script = {}          # the training script's own numbers (fine-tuning's best accuracies)
 
     def state_dict(self):
         return dict(vars(self))
@@ -203,3 +203,5 @@ class TrainState:
     def load_state_dict(self, state):
         known = set(vars(self))
         vars(self).update({k: v for k, v in state.items() if k in known})
+        if "script" not in state:  # written before `script` existed: its other entries were the script's
+            self.script = {k: v for k, v in state.items() if k not in known}

@@ -10,13 +10,15 @@ checkpoints, and Hugging Face ConvNextV2 folders. Nothing is loaded partially wi
 a missing, unexpected or mis-shaped tensor raises WeightsError with the list; the only tensors
 ever left out are a classifier head (and its norm), and the decoder when only an encoder is
 wanted, and those are reported.
+
+files.py reads and writes files, formats.py holds one object per format (FORMATS), reading.py
+converts and loads, writing.py exports.
 """
-from fcmae.weights.reading import (
-    Architecture, WeightsError, convert, describe, detect_layout, encoder_state, layout_rows, load, load_classifier,
-    load_fcmae, load_into, read_state_dict,
-)
-from fcmae.weights.writing import EXPORT_FORMATS, export, save_weights
+from fcmae.weights.files import WeightsError, read_state_dict, save_weights
+from fcmae.weights.formats import EXPORT_FORMATS, FORMATS, Architecture, WeightFormat, detect_format, weight_format
+from fcmae.weights.reading import convert, describe, encoder_state, load, load_classifier, load_fcmae, load_into
+from fcmae.weights.writing import export
 
 __all__ = ["WeightsError", "Architecture", "load", "load_into", "load_fcmae", "load_classifier", "describe",
-           "encoder_state", "export", "save_weights", "convert", "read_state_dict", "detect_layout", "layout_rows",
-           "EXPORT_FORMATS"]
+           "encoder_state", "export", "save_weights", "convert", "read_state_dict", "WeightFormat", "FORMATS",
+           "EXPORT_FORMATS", "weight_format", "detect_format"]
