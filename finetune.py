@@ -28,9 +28,9 @@ from fcmae.config import (
 from fcmae.data import finetune_datasets
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import fused_option, param_groups
-from fcmae.training.checkpoint import latest_checkpoint
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
-from fcmae.training.engine import Run
+from fcmae.training.checkpoint import latest_checkpoint
+from fcmae.training.engine import Run, trainable_parameters
 from fcmae.training.evaluate import evaluate
 from fcmae.weights import load_classifier, save_weights
 
@@ -270,8 +270,7 @@ def probe_note(args):
 
 def summary(args, model, train_set, classes, run):
     what = "linear probe of" if args.linear_probe else "fine-tuning"
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"{what} {args.model} ({n_parameters / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
+    return (f"{what} {args.model} ({trainable_parameters(model) / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
             f"{len(classes)} classes from {args.data_path}, {args.input_size}px, on {run.world} x {run.device} "
             f"({run.accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})"
             + (probe_note(args) if args.linear_probe else ""))
@@ -300,7 +299,6 @@ def main(argv=None):
         model = build_model(args)
         if args.eval:
             return evaluate_only(args, run, model, eval_set)
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model, optimizer = run.start(
             model, schedule, lambda m: build_optimizer(args, m, schedule.lr), load_classifier,
             weights=[args.finetune], extras=lambda m: model_ema(args, m, run.device),
@@ -328,7 +326,7 @@ def main(argv=None):
     def end_epoch(epoch):
         return {} if eval_set is None else evaluate_epoch(args, run, unwrapped, ema, eval_set, epoch)
 
-    run.fit(model, optimizer, train_set, schedule, micro_step, n_parameters, train_mode=train_mode,
+    run.fit(model, optimizer, train_set, schedule, micro_step, train_mode=train_mode,
             after_step=after_step, end_epoch=end_epoch)
     run.check_replicas(unwrapped)
     run.finish()

@@ -26,7 +26,7 @@ from fcmae.models import (
 )
 from fcmae.optim import pretraining_optimizer
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
-from fcmae.training.engine import Run
+from fcmae.training.engine import Run, trainable_parameters
 from fcmae.visualize import reconstruction_grid
 from fcmae.weights import export, load_into
 
@@ -140,8 +140,7 @@ class Pictures:
 
 def summary(args, model, images, run):
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"pretraining {args.model} ({n_parameters / 1e6:.1f}M parameters, backend {model.backend}) on "
+    return (f"pretraining {args.model} ({trainable_parameters(model) / 1e6:.1f}M parameters, backend {model.backend}) on "
             f"{len(images) // args.repeats} images from {source}, {args.input_size}px, on {run.world} x "
             f"{run.device} ({run.accelerator.mixed_precision} mixed precision"
             f"{', torch.compile' if args.compile else ''})")
@@ -164,7 +163,6 @@ def main(argv=None):
             args.model, backend=args.backend, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
             decoder_embed_dim=args.decoder_embed_dim, norm_pix_loss=args.norm_pix_loss, in_chans=args.in_chans,
         )
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
         # along than --init or a --resume weights file it started from
         model, optimizer = run.start(
@@ -186,7 +184,7 @@ def main(argv=None):
 
     if run.state.global_step == 0:
         pictures.save("step_00000000")  # the untrained model, to compare the later pictures with
-    run.fit(model, optimizer, dataset, schedule, micro_step, n_parameters, after_step=after_step,
+    run.fit(model, optimizer, dataset, schedule, micro_step, after_step=after_step,
             end_epoch=lambda epoch: pictures.save(f"epoch_{epoch:04d}"))
     run.check_replicas(unwrapped)
     out = run.out

@@ -61,6 +61,10 @@ class Schedule:
         return cosine_lr(global_step / self.steps_per_epoch, self.lr, self.min_lr, self.epochs, self.warmup_epochs)
 
 
+def trainable_parameters(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def seed_step(seed, global_step, rank):
     """Seed torch, numpy and Python's generators for one optimiser step of one process."""
     value = derive_seed(seed, "step", global_step, rank)
@@ -315,8 +319,7 @@ class Run:
             self.evaluation_loaders[id(dataset)] = self.loader(dataset, batches)
         return self.evaluation_loaders[id(dataset)]
 
-    def fit(self, model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode=None,
-            after_step=None, end_epoch=None):
+    def fit(self, model, optimizer, dataset, schedule, micro_step, train_mode=None, after_step=None, end_epoch=None):
         """Train from where `self.state` stands to `schedule.last_step`.
 
         micro_step(batch) -> (loss, files skipped) runs the forward pass of one micro-batch; the
@@ -331,6 +334,7 @@ class Run:
         """
         progress = tqdm(total=schedule.last_step, initial=self.state.global_step, disable=not self.main_process,
                         desc=self.name, dynamic_ncols=True)
+        n_parameters = trainable_parameters(model)  # for the log lines
         with self.lost_peers_stop(), self.stop_signals():
             self._train(model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode, after_step,
                         end_epoch, progress)

@@ -143,28 +143,26 @@ class Timm(WeightFormat):
 
 class Renamed(WeightFormat):
     """A format whose encoder keys are renamed from ours, stage by stage and block by block."""
-    prefix = ""   # before each of their encoder keys
-    block = ()    # one block's rows: (our name, their name, kind), within the block
-
-    def stem(self):
-        """Rows of the stem (conv, LayerNorm), our names without 'encoder.'."""
-        raise NotImplementedError
+    prefix = ""                      # before each of their encoder keys
+    stem_names = ("", "")            # their stem conv and LayerNorm
+    downsample_name = ""             # their downsampling layer before stage > 0: LayerNorm .0, conv .1
+    block_name = ""                  # their block, from {stage} and {block}
+    block = ()                       # one block's rows: (our name, their name, kind), within the block
 
     def downsample(self, stage):
-        """Rows of the downsampling layer (LayerNorm, conv) before `stage` > 0."""
-        raise NotImplementedError
-
-    def block_prefix(self, stage, block):
-        raise NotImplementedError
+        """Rows of the downsampling layer before `stage`, our names without 'encoder.'."""
+        theirs = self.downsample_name.format(stage=stage)
+        return with_bias((f"stages.{stage}.downsample.1", f"{theirs}.1", "same"),
+                         (f"stages.{stage}.downsample.0", f"{theirs}.0", "same"))
 
     def rows(self, arch, shapes=None):
-        rows = self.stem()
+        rows = with_bias(("stem.0", self.stem_names[0], "same"), ("stem.1", self.stem_names[1], "same"))
         for i, depth in enumerate(MODEL_SPECS[arch.name].depths):
             if i > 0:
                 rows += self.downsample(i)
             for j in range(depth):
-                theirs = self.block_prefix(i, j)
-                rows += [(f"stages.{i}.blocks.{j}.{a}", f"{theirs}{b}", kind) for a, b, kind in self.block]
+                theirs = self.block_name.format(stage=i, block=j)
+                rows += [(f"stages.{i}.blocks.{j}.{a}", f"{theirs}.{b}", kind) for a, b, kind in self.block]
         rows = [(f"encoder.{ours}", f"{self.prefix}{theirs}", kind) for ours, theirs, kind in rows]
         if arch.has_decoder:
             rows += decoder_rows(arch.decoder_depth)
@@ -193,18 +191,11 @@ class Official(Renamed):
     classifier_pattern = r"(head|norm)\..*"
     head_keys = {"norm.weight": "head.norm.weight", "norm.bias": "head.norm.bias",
                  "head.weight": "head.fc.weight", "head.bias": "head.fc.bias"}
+    stem_names = ("downsample_layers.0.0", "downsample_layers.0.1")
+    downsample_name = "downsample_layers.{stage}"
+    block_name = "stages.{stage}.{block}"
     block = OFFICIAL_BLOCK
     exportable = True
-
-    def stem(self):
-        return with_bias(("stem.0", "downsample_layers.0.0", "same"), ("stem.1", "downsample_layers.0.1", "same"))
-
-    def downsample(self, stage):
-        return with_bias((f"stages.{stage}.downsample.1", f"downsample_layers.{stage}.1", "same"),
-                         (f"stages.{stage}.downsample.0", f"downsample_layers.{stage}.0", "same"))
-
-    def block_prefix(self, stage, block):
-        return f"stages.{stage}.{block}."
 
     def write(self, tensors, arch, path, pth=False):
         atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
@@ -227,7 +218,7 @@ class Minkowski(Official):
              ("conv_dw.weight", "dwconv.kernel", "me_dw"), ("conv_dw.bias", "dwconv.bias", "row"))
     exportable = False
 
-    def downsample(self, stage):
+    def downsample(self, stage):  # a sparse conv's kernel and bias; the LayerNorm wrapped as .ln
         return [(f"stages.{stage}.downsample.1.weight", f"downsample_layers.{stage}.1.kernel", "me_conv"),
                 (f"stages.{stage}.downsample.1.bias", f"downsample_layers.{stage}.1.bias", "row"),
                 *with_bias((f"stages.{stage}.downsample.0", f"downsample_layers.{stage}.0.ln", "same"))]
@@ -244,18 +235,10 @@ class HuggingFace(Renamed):
     block = (*with_bias(("conv_dw", "dwconv", "same"), ("norm", "layernorm", "same"),
                         ("mlp.fc1", "pwconv1", "linear"), ("mlp.fc2", "pwconv2", "linear")),
              ("mlp.grn.weight", "grn.weight", "vector"), ("mlp.grn.bias", "grn.bias", "vector"))
+    stem_names = ("embeddings.patch_embeddings", "embeddings.layernorm")
+    downsample_name = "encoder.stages.{stage}.downsampling_layer"
+    block_name = "encoder.stages.{stage}.layers.{block}"
     exportable = True
-
-    def stem(self):
-        return with_bias(("stem.0", "embeddings.patch_embeddings", "same"), ("stem.1", "embeddings.layernorm", "same"))
-
-    def downsample(self, stage):
-        layer = f"encoder.stages.{stage}.downsampling_layer"
-        return with_bias((f"stages.{stage}.downsample.1", f"{layer}.1", "same"),
-                         (f"stages.{stage}.downsample.0", f"{layer}.0", "same"))
-
-    def block_prefix(self, stage, block):
-        return f"encoder.stages.{stage}.layers.{block}."
 
     def write(self, tensors, arch, path, pth=False):
         # ConvNextV2Model ends in a LayerNorm (for pooling) that FCMAE never trains: written as
