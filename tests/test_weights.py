@@ -85,6 +85,29 @@ def test_hugging_face_export_loads_with_nothing_missing(model, tmp_path):
     assert_same_tensors(back, {k: v for k, v in model.state_dict().items() if k.startswith("encoder.")})
 
 
+def test_a_hugging_face_classifier_from_the_hub_fine_tunes_with_its_head(tmp_path):
+    """ConvNextV2ForImageClassification as the Hub's facebook/convnextv2-* models are saved: its
+    trunk and head load into timm's model, which then gives the same logits."""
+    import transformers
+    torch.manual_seed(0)
+    # the Hub's configs keep transformers' default layer_norm_eps (1e-12) for the head's LayerNorm,
+    # where timm's has 1e-6: a difference far below the tolerance
+    config = transformers.ConvNextV2Config(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=5)
+    hf = transformers.ConvNextV2ForImageClassification(config).eval()
+    for p in hf.parameters():  # nothing left at an initial value that timm's would share by chance
+        torch.nn.init.normal_(p, std=0.1)
+    hf.save_pretrained(str(tmp_path / "hub"))
+    classifier = timm.create_model("convnextv2_atto", num_classes=5).eval()
+    report = weights.load_classifier(classifier, tmp_path / "hub")
+    assert report["head"] == "classifier loaded" and not report["dropped"]
+    imgs = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_err(classifier(imgs), hf(imgs).logits) < 2e-5
+    # into FCMAE: the encoder, with the head left out and said
+    report = weights.load_into(fcmae.create_model("convnextv2_atto"), tmp_path / "hub")
+    assert {"classifier.weight", "convnextv2.layernorm.weight"} <= set(report["dropped"])
+
+
 def minkowski_checkpoint(model, epoch=41):
     """A full official FCMAE training checkpoint (main_pretrain.py, MinkowskiEngine layout),
     written out here by hand from a known dense model, the way the official code lays it out."""

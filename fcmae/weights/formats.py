@@ -258,7 +258,20 @@ class HuggingFace(Renamed):
         return {"added": ["layernorm.weight (ones)", "layernorm.bias (zeros)"]}
 
 
-FORMATS = (Fcmae(), Timm(), Official(), Minkowski(), HuggingFace())
+class HuggingFaceClassifier(HuggingFace):
+    """transformers' ConvNextV2ForImageClassification as saved (the models on the Hub): the
+    encoder under 'convnextv2.', the head's LayerNorm as convnextv2.layernorm, then classifier."""
+    name = "hf_classifier"
+    stem_key = "convnextv2.embeddings.patch_embeddings.weight"
+    block_pattern = r"convnextv2\.encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.weight"
+    classifier_pattern = r"(convnextv2\.layernorm|classifier)\..*"
+    head_keys = {"convnextv2.layernorm.weight": "head.norm.weight", "convnextv2.layernorm.bias": "head.norm.bias",
+                 "classifier.weight": "head.fc.weight", "classifier.bias": "head.fc.bias"}
+    prefix = "convnextv2."
+    exportable = False
+
+
+FORMATS = (Fcmae(), Timm(), Official(), Minkowski(), HuggingFace(), HuggingFaceClassifier())
 EXPORT_FORMATS = tuple(f.name for f in FORMATS if f.exportable)
 
 
