@@ -61,6 +61,8 @@ def with_bias(*pairs):
 
 
 class WeightFormat:
+    """One checkpoint layout. A subclass sets the attributes below and gives `rows`, and `write`
+    when it can be exported; the methods here read every format the same way."""
     name = ""
     stem_key = ""                 # the stem conv's weight, (width, in_chans, 4, 4) in every format
     block_pattern = ""            # a block's depthwise-conv key; groups: stage, block
