@@ -135,6 +135,7 @@ def test_stop_signal_saves_that_step_exits_75_and_the_resume_is_bitwise(images, 
     assert (out / "log.txt").read_text() == (tmp_path / "straight" / "log.txt").read_text()
 
 
+@pytest.mark.slow  # waits for wall-clock saves: 34 s on 2 cores
 def test_time_based_saves(images, tmp_path, capsys):
     out = tmp_path / "run"
     # 0.001 minutes: due at every read-back (steps 4, 8, 12 and the epochs' ends)

@@ -445,6 +445,7 @@ def test_bad_arguments_stop_with_one_sentence(data, args, message, capsys):
     assert re.search(message, fail(defaults + args, capsys))
 
 
+@pytest.mark.slow  # a pretraining run, then fine-tuning on its folder: 37 s on 2 cores
 def test_a_pretraining_output_dir_is_named_not_a_traceback(data, tmp_path):
     """finetune.py pointed at a pretraining run's output_dir would resume from its checkpoints;
     it says what the folder holds instead of failing inside accelerate. And the other way round."""
