@@ -270,10 +270,10 @@ def probe_note(args):
 
 def summary(args, model, train_set, classes, run):
     what = "linear probe of" if args.linear_probe else "fine-tuning"
-    return (f"{what} {args.model} ({trainable_parameters(model) / 1e6:.2f}M trainable parameters) on {len(train_set)} images in "
-            f"{len(classes)} classes from {args.data_path}, {args.input_size}px, on {run.world} x {run.device} "
-            f"({run.accelerator.mixed_precision} mixed precision{', torch.compile' if args.compile else ''})"
-            + (probe_note(args) if args.linear_probe else ""))
+    return (f"{what} {args.model} ({trainable_parameters(model) / 1e6:.2f}M trainable parameters) on "
+            f"{len(train_set)} images in {len(classes)} classes from {args.data_path}, {args.input_size}px, "
+            f"on {run.world} x {run.device} ({run.accelerator.mixed_precision} mixed precision"
+            f"{', torch.compile' if args.compile else ''})" + (probe_note(args) if args.linear_probe else ""))
 
 
 def model_ema(args, model, device):

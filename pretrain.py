@@ -19,15 +19,15 @@ from fcmae.config import (
     COUNT, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool, usage_errors,
 )
 from fcmae.data import (
-    PretrainTransform, Selection, WithMasks, derive_seed, get_decoder, normalization, open_images, view_transform,
+    PretrainTransform, Selection, WithMasks, get_decoder, normalization, open_images, view_transform,
 )
 from fcmae.models import (
-    BACKEND_CHOICES, BACKENDS, ENCODER_STRIDE, num_visible_patches, random_patch_mask, resolve_backend,
+    BACKEND_CHOICES, BACKENDS, ENCODER_STRIDE, num_visible_patches, resolve_backend,
 )
 from fcmae.optim import pretraining_optimizer
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
 from fcmae.training.engine import Run, trainable_parameters
-from fcmae.visualize import reconstruction_grid
+from fcmae.visualize import picture_masks, reconstruction_grid
 from fcmae.weights import export, load_into
 
 # Settings for a plain `python pretrain.py` (no --data_path): a few minutes on a laptop CPU.
@@ -115,9 +115,7 @@ class Pictures:
         self.folder = run.out / "reconstructions" if run.out else None
         view = view_transform(args.input_size, args.in_chans)
         self.images = torch.stack([view(img) for img in images.pictures(8)])
-        generator = torch.Generator().manual_seed(derive_seed(args.seed, "pictures"))
-        num_patches = (args.input_size // ENCODER_STRIDE) ** 2
-        self.masks = random_patch_mask(len(self.images), num_patches, args.mask_ratio, generator=generator)
+        self.masks = picture_masks(len(self.images), args.input_size, args.mask_ratio, args.seed)
         self.mean, self.std = normalization(args.in_chans)
         if self.folder and run.main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -140,9 +138,9 @@ class Pictures:
 
 def summary(args, model, images, run):
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
-    return (f"pretraining {args.model} ({trainable_parameters(model) / 1e6:.1f}M parameters, backend {model.backend}) on "
-            f"{len(images) // args.repeats} images from {source}, {args.input_size}px, on {run.world} x "
-            f"{run.device} ({run.accelerator.mixed_precision} mixed precision"
+    return (f"pretraining {args.model} ({trainable_parameters(model) / 1e6:.1f}M parameters, backend "
+            f"{model.backend}) on {len(images) // args.repeats} images from {source}, {args.input_size}px, "
+            f"on {run.world} x {run.device} ({run.accelerator.mixed_precision} mixed precision"
             f"{', torch.compile' if args.compile else ''})")
 
 

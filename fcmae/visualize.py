@@ -2,6 +2,16 @@
 import torch
 from torchvision.utils import make_grid
 
+from fcmae.data import derive_seed
+from fcmae.models import ENCODER_STRIDE, random_patch_mask
+
+
+def picture_masks(count, input_size, mask_ratio, seed):
+    """The masks of `count` reconstruction pictures: pretrain.py's pictures and
+    `python -m fcmae.reconstruct` draw the same ones for the same seed."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "pictures"))
+    return random_patch_mask(count, (input_size // ENCODER_STRIDE) ** 2, mask_ratio, generator=generator)
+
 
 def denormalize(imgs, mean, std):
     mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fcmae
-from fcmae.models.backends import BACKENDS
+from fcmae.models.backends import BACKENDS, runnable
 
 # CUDA runs too wherever a GPU is present; CPU always. On CUDA the tolerances are the CPU ones, so
 # convolutions and products run in true fp32 (cuDNN's default is TF32, ~1e-3 relative error).
@@ -11,7 +11,7 @@ torch.backends.cuda.matmul.allow_tf32 = False
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The exact backends under test: MinkowskiEngine's wherever it is installed (CI installs it).
 MINKOWSKI = BACKENDS["minkowski"].available("cpu")
-BACKEND_NAMES = [name for name, backend in BACKENDS.items() if backend.available("cpu")]  # dense, the reference, first
+BACKEND_NAMES = [backend.name for backend in runnable("cpu")]  # dense, the reference, first
 
 
 def randomize_(model, seed=0, scale=0.1):

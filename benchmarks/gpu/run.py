@@ -76,7 +76,7 @@ sys.path.insert(0, str(ROOT))
 from fcmae.cli import benchmark as bench  # noqa: E402  (the checkout, not an installed copy)
 from fcmae.config import ConfigError  # noqa: E402
 from fcmae.data import get_decoder, write_shards  # noqa: E402
-from fcmae.models.backends import BACKENDS  # noqa: E402
+from fcmae.models.backends import runnable  # noqa: E402
 
 FULL = dict(device="cuda", precision="bf16", input_size=224,
             models=[("convnextv2_base", 128), ("convnextv2_atto", 256)],
@@ -125,7 +125,7 @@ def machine():
 def step_table(plan, compile_, peak, deadline):
     records = []
     for model, batch in plan["models"]:
-        runs = [b for b in BACKENDS.values() if b.available(plan["device"]) and (b.compiles or not compile_)]
+        runs = runnable(plan["device"], compile_)
         ranked = sorted((b for b in runs if b.auto_rank is not None), key=lambda b: b.auto_rank)
         rows = [b.name for b in ranked] + ["timm"] + [b.name for b in runs if b.auto_rank is None]
         args = bench.parse_args(["--model", model, "--rows", *rows, "--batch_size", str(batch),
@@ -150,7 +150,7 @@ def gpu_tests(plan, deadline):
         return {**record, "skipped": "out of time"}
     lines = result.stdout.strip().splitlines()
     return {**record, "returncode": result.returncode, "result": lines[-1] if lines else "",
-            "backends": [name for name, b in BACKENDS.items() if b.available(plan["device"])],
+            "backends": [b.name for b in runnable(plan["device"])],
             "output_tail": "" if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]}
 
 

@@ -34,7 +34,7 @@ from fcmae.data import (
     DECODERS, DEFAULT_DECODER, PretrainTransform, collate, get_decoder, is_hugging_face, is_shard_source, open_images,
     source_class,
 )
-from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models
+from fcmae.models import BACKENDS, ENCODER_STRIDE, create_convnextv2, create_model, list_models, runnable
 from fcmae.optim import pretraining_optimizer
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,8 +83,7 @@ def parse_args(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
     if args.rows is None:  # every backend that runs here (and compiles, with --compile), and timm
-        runs = [name for name, b in BACKENDS.items() if b.available(args.device) and (b.compiles or not args.compile)]
-        args.rows = runs + ["timm"]
+        args.rows = [b.name for b in runnable(args.device, args.compile)] + ["timm"]
     for backend in (BACKENDS[row] for row in args.rows if row in BACKENDS):
         reason = backend.cannot_run(args.device)  # the backend's own sentence: not installed, a CPU-only build, ...
         if reason:

@@ -14,9 +14,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.utils import save_image
 
 from fcmae.config import COUNT, ArgumentParser, command_name, number, str2bool
-from fcmae.data import derive_seed, normalization, view_transform
-from fcmae.models import ENCODER_STRIDE, list_models, random_patch_mask
-from fcmae.visualize import reconstruction_grid
+from fcmae.data import normalization, view_transform
+from fcmae.models import ENCODER_STRIDE, list_models
+from fcmae.visualize import picture_masks, reconstruction_grid
 from fcmae.weights import WeightsError, load_fcmae
 
 
@@ -66,14 +66,12 @@ def main(argv=None):
         except (OSError, UnidentifiedImageError, ValueError) as err:
             parser.error(f"{path} is not a readable image ({type(err).__name__})")
     imgs = torch.stack(pictures).to(args.device)
-    num_patches = (args.input_size // ENCODER_STRIDE) ** 2
-    masks = random_patch_mask(len(imgs), num_patches, args.mask_ratio,
-                              generator=torch.Generator().manual_seed(derive_seed(args.seed, "pictures")))
+    masks = picture_masks(len(imgs), args.input_size, args.mask_ratio, args.seed)
     mean, std = normalization(model.in_chans)
     grid = reconstruction_grid(model.to(args.device).eval(), imgs, masks.to(args.device), mean, std)
     save_image(grid, args.output)
     print(f"wrote {args.output}: {len(imgs)} image(s), {arch.name}, {args.input_size} px, "
-          f"{int(masks[0].sum())} of {num_patches} patches masked; columns: original, masked input, reconstruction")
+          f"{int(masks[0].sum())} of {masks.shape[1]} patches masked; columns: original, masked input, reconstruction")
 
 
 if __name__ == "__main__":

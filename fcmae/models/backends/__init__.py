@@ -30,9 +30,15 @@ def resolve_backend(name, device=None):
     return name
 
 
+def runnable(device=None, compiled=False):
+    """The records of the backends that run on `device` (and compile, when `compiled`), in
+    BACKENDS order."""
+    return [b for b in BACKENDS.values() if b.available(device) and (b.compiles or not compiled)]
+
+
 def get_backend(name):
     """The record of backend `name` (or of what "auto" chooses)."""
     return BACKENDS[resolve_backend(name)]
 
 
-__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "resolve_backend", "get_backend"]
+__all__ = ["Backend", "BACKENDS", "BACKEND_CHOICES", "resolve_backend", "runnable", "get_backend"]
