@@ -8,14 +8,14 @@
         --data_path /path/to/imagenet-1k
 
 Flags keep the names and defaults of the official main_finetune.py. The model is timm's
-convnextv2_<size>; RandAugment, random erasing, Mixup/CutMix, the losses and EMA are timm's; the
-loop, checkpoints, exact resume and logs are the engine pretrain.py uses.
+convnextv2_<size>; RandAugment, random erasing, Mixup/CutMix (its per-sample modes batched on the
+device, fcmae.data.mixup), the losses and EMA are timm's; the loop, checkpoints, exact resume and
+logs are the engine pretrain.py uses.
 """
 import math
 
 import torch
 from accelerate.utils import set_seed
-from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.utils import ModelEmaV3
@@ -25,13 +25,14 @@ from fcmae.config import (
     NON_NEGATIVE, POSITIVE, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool,
     usage_errors,
 )
-from fcmae.data import finetune_datasets
+from fcmae.data import Mixup, finetune_datasets
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import fused_option, param_groups
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
 from fcmae.training.checkpoint import latest_checkpoint
 from fcmae.training.engine import Run, trainable_parameters
 from fcmae.training.evaluate import evaluate
+from fcmae.training.waits import designed_wait
 from fcmae.weights import load_classifier, save_weights
 
 # What --linear_probe changes: it trains BatchNorm + Linear on frozen features with light
@@ -127,6 +128,9 @@ def get_args_parser():
     groups["devices"].add_argument("--use_amp", default=False, type=str2bool,
                                    help="mixed precision on CUDA (bf16 where supported, else fp16), float32 on CPU; "
                                         "--mixed_precision overrides it")
+    groups["devices"].add_argument("--channels_last", default=None, type=str2bool,
+                                   help="the model and its inputs in channels-last memory, faster convolutions on "
+                                        "GPUs (default: true on CUDA, false elsewhere)")
     return p
 
 
@@ -168,6 +172,17 @@ def build_model(args):
     return model
 
 
+def channels_last(args, run):
+    """--channels_last, whose default is the device's (true on CUDA)."""
+    return args.channels_last if args.channels_last is not None else run.device.type == "cuda"
+
+
+def on_device(args, run, model):
+    """`model` on the run's device, in channels-last memory when asked (its inputs follow)."""
+    model = model.to(run.device)
+    return model.to(memory_format=torch.channels_last) if channels_last(args, run) else model
+
+
 def mixed_precision(args):
     """(accelerate's mixed_precision, a note for the user or None) from --mixed_precision / --use_amp."""
     if args.mixed_precision is not None or not args.use_amp:
@@ -189,7 +204,7 @@ def evaluate_only(args, run, model, eval_set):
     if not loaded["head_loaded"]:
         raise ConfigError(f"{source} has no classifier for {args.nb_classes} classes ({loaded['head']}); "
                           "evaluate fine-tuned weights")
-    stats = evaluate(run, model.to(run.device), eval_set)
+    stats = evaluate(run, on_device(args, run, model), eval_set, args.compile, channels_last(args, run))
     run.say(f"accuracy of the network on the {stats['images']} test images: top-1 {stats['acc1']:.2f}%, "
             f"top-5 {stats['acc5']:.2f}%, loss {stats['loss']:.4f}")
     run.write_metrics({"weights": str(source), "data": eval_set.source.where, **stats})
@@ -221,18 +236,19 @@ def build_optimizer(args, model, lr):
         raise ConfigError(f"--opt {args.opt}: {err}") from None
 
 
-def evaluation_entries(run, model, ema, eval_set, with_ema):
-    """Top-1, top-5 and loss of the model (and of the EMA weights when asked), as log entries."""
-    stats = {f"test_{k}": v for k, v in evaluate(run, model, eval_set).items()}
-    if ema is not None and with_ema:
-        stats.update({f"test_{k}_ema": v for k, v in evaluate(run, ema.module, eval_set).items()})
+def evaluation_entries(args, run, model, ema, eval_set):
+    """Top-1, top-5 and loss of the model (and of the EMA weights with --model_ema_eval), as log entries."""
+    kind = dict(compiled=args.compile, channels_last=channels_last(args, run))
+    stats = {f"test_{k}": v for k, v in evaluate(run, model, eval_set, **kind).items()}
+    if ema is not None and args.model_ema_eval:
+        stats.update({f"test_{k}_ema": v for k, v in evaluate(run, ema.module, eval_set, **kind).items()})
     return stats
 
 
 def evaluate_epoch(args, run, model, ema, eval_set, epoch):
     """The evaluation at the end of an epoch: said, logged, metrics.json, the best weights kept;
     returns the entries of the epoch's log line."""
-    stats = evaluation_entries(run, model, ema, eval_set, args.model_ema_eval)
+    stats = evaluation_entries(args, run, model, ema, eval_set)
     best = keep_best(run, stats, {"": model, "_ema": ema.module if ema is not None else None}, epoch, args.model)
     run.write_metrics({"epoch": epoch, "data": eval_set.source.where, **stats, "best": best})
     run.say(f"epoch {epoch}: top-1 {stats['test_acc1']:.2f}% (best {best['acc1']:.2f}%), top-5 "
@@ -255,8 +271,9 @@ def keep_best(run, stats, weights, epoch, model_name):
         if acc1 > best.get(f"acc1{suffix}", -math.inf):
             best[f"acc1{suffix}"], best[f"epoch{suffix}"] = acc1, epoch
             if run.out and run.args.save_ckpt and run.main_process:
-                save_weights(module.state_dict(), run.out / f"model_best{suffix}.safetensors",
-                             metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}"})
+                with designed_wait("checkpoint"):  # the weights copied to the host
+                    save_weights(module.state_dict(), run.out / f"model_best{suffix}.safetensors",
+                                 metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}"})
         stats[f"max_accuracy{suffix}"] = best[f"acc1{suffix}"]
     return best
 
@@ -272,15 +289,17 @@ def summary(args, model, train_set, classes, run):
     what = "linear probe of" if args.linear_probe else "fine-tuning"
     return (f"{what} {args.model} ({trainable_parameters(model) / 1e6:.2f}M trainable parameters) on "
             f"{len(train_set)} images in {len(classes)} classes from {args.data_path}, {args.input_size}px, "
-            f"on {run.world} x {run.device} ({run.accelerator.mixed_precision} mixed precision"
-            f"{', torch.compile' if args.compile else ''})" + (probe_note(args) if args.linear_probe else ""))
+            f"on {run.world} x {run.device} ({run.precision}"
+            f"{', channels-last' if channels_last(args, run) else ''}{', torch.compile' if args.compile else ''})"
+            + (probe_note(args) if args.linear_probe else ""))
 
 
-def model_ema(args, model, device):
-    """{"ema": timm's EMA of `model`} with --model_ema (a copy of the loaded weights), else {}."""
+def model_ema(args, model):
+    """{"ema": timm's EMA of `model`} with --model_ema (a copy of the loaded weights, where the model
+    is; on the host with --model_ema_force_cpu, which copies the weights there every step), else {}."""
     if not args.model_ema:
         return {}
-    return {"ema": ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else device)}
+    return {"ema": ModelEmaV3(model, decay=args.model_ema_decay, device="cpu" if args.model_ema_force_cpu else None)}
 
 
 def main(argv=None):
@@ -299,9 +318,11 @@ def main(argv=None):
         model = build_model(args)
         if args.eval:
             return evaluate_only(args, run, model, eval_set)
+        if channels_last(args, run):  # before the optimiser takes the parameters
+            model.to(memory_format=torch.channels_last)
         model, optimizer = run.start(
             model, schedule, lambda m: build_optimizer(args, m, schedule.lr), load_classifier,
-            weights=[args.finetune], extras=lambda m: model_ema(args, m, run.device),
+            weights=[args.finetune], extras=lambda m: model_ema(args, m),
             summary=lambda m: summary(args, m, train_set, classes, run))  # compiled after the EMA copy is made
     unwrapped, ema = run.accelerator.unwrap_model(model), run.modules.get("ema")
     mixup, criterion = build_criterion(args)
@@ -312,8 +333,10 @@ def main(argv=None):
             unwrapped.eval()
             unwrapped.head.fc.train()
 
+    inputs_channels_last = channels_last(args, run)
+
     def micro_step(batch):
-        imgs, n_skipped = train_set.prepare(batch, run.device)
+        imgs, n_skipped = train_set.prepare(batch, run.device, inputs_channels_last)
         labels = batch.label.to(run.device, non_blocking=True)
         if mixup is not None:
             imgs, labels = mixup(imgs, labels)

@@ -27,6 +27,7 @@ from fcmae.models import (
 from fcmae.optim import pretraining_optimizer
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
 from fcmae.training.engine import Run, trainable_parameters
+from fcmae.training.waits import designed_wait
 from fcmae.visualize import picture_masks, reconstruction_grid
 from fcmae.weights import export, load_into
 
@@ -107,15 +108,17 @@ warnings.filterwarnings("ignore", message="Grad strides do not match bucket view
 
 
 class Pictures:
-    """Original / masked input / reconstruction of 8 fixed images and masks, drawn now and then
-    (output_dir/reconstructions/<tag>.png and TensorBoard), by the main process only."""
+    """Original / masked input / reconstruction of fixed images (PIL images; 8 of the data's first
+    readable ones) and masks, drawn now and then (output_dir/reconstructions/<tag>.png and
+    TensorBoard), by the main process only."""
 
     def __init__(self, run, model, images, args):
         self.run, self.model = run, model
         self.folder = run.out / "reconstructions" if run.out else None
         view = view_transform(args.input_size, args.in_chans)
-        self.images = torch.stack([view(img) for img in images.pictures(8)])
+        self.images = torch.stack([view(img) for img in images])
         self.masks = picture_masks(len(self.images), args.input_size, args.mask_ratio, args.seed)
+        self.num_visible = num_visible_patches(self.masks.shape[1], args.mask_ratio)  # in every mask
         self.mean, self.std = normalization(args.in_chans)
         if self.folder and run.main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -126,8 +129,10 @@ class Pictures:
             return
         self.model.eval()
         # eager: a picture of 8 images in eval mode is not worth compiling a second graph for
-        with run.accelerator.autocast(), torch.compiler.set_stance("force_eager"):
-            grid = reconstruction_grid(self.model, self.images.to(device), self.masks.to(device), self.mean, self.std)
+        with designed_wait("reconstruction picture"), run.accelerator.autocast(), \
+                torch.compiler.set_stance("force_eager"):
+            grid = reconstruction_grid(self.model, self.images.to(device), self.masks.to(device), self.mean, self.std,
+                                       num_visible=self.num_visible)
         self.model.train()
         if self.folder:
             save_image(grid, self.folder / f"{tag}.png")
@@ -140,7 +145,7 @@ def summary(args, model, images, run):
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
     return (f"pretraining {args.model} ({trainable_parameters(model) / 1e6:.1f}M parameters, backend "
             f"{model.backend}) on {len(images) // args.repeats} images from {source}, {args.input_size}px, "
-            f"on {run.world} x {run.device} ({run.accelerator.mixed_precision} mixed precision"
+            f"on {run.world} x {run.device} ({run.precision}"
             f"{', torch.compile' if args.compile else ''})")
 
 
@@ -152,6 +157,7 @@ def main(argv=None):
         images = open_images(args.data_path, PretrainTransform(args.input_size, args.in_chans), seed=args.seed,
                              repeats=args.repeats, decoder=get_decoder(args.decoder),
                              selection=Selection(args.data_splits, args.image_column))
+        shown = images.pictures(8)  # the pictures' images; a sentence when none can be read
         run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
         num_patches = (args.input_size // ENCODER_STRIDE) ** 2
         dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
@@ -168,7 +174,7 @@ def main(argv=None):
             weights=[args.init], compile_options=dict(fullgraph=True),  # encoder, decoder and loss: one graph
             summary=lambda m: summary(args, m, images, run))
     unwrapped = run.accelerator.unwrap_model(model)
-    pictures = Pictures(run, unwrapped, images, args)
+    pictures = Pictures(run, unwrapped, shown, args)
     num_visible = num_visible_patches(num_patches, args.mask_ratio)  # in every mask: no check needs the device
 
     def micro_step(batch):

@@ -3,6 +3,7 @@ import torch
 from torchvision.utils import make_grid
 
 from fcmae.data import derive_seed
+from fcmae.data.transforms import device_values
 from fcmae.models import ENCODER_STRIDE, random_patch_mask
 
 
@@ -14,16 +15,17 @@ def picture_masks(count, input_size, mask_ratio, seed):
 
 
 def denormalize(imgs, mean, std):
-    mean = torch.tensor(mean, device=imgs.device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=imgs.device).view(1, -1, 1, 1)
+    mean = device_values(tuple(mean), imgs.device).view(1, -1, 1, 1)
+    std = device_values(tuple(std), imgs.device).view(1, -1, 1, 1)
     return (imgs * std + mean).clamp(0, 1)
 
 
 @torch.no_grad()
-def reconstruction_grid(model, imgs, mask, mean, std):
+def reconstruction_grid(model, imgs, mask, mean, std, num_visible=None):
     """A (3, H, W) picture in [0, 1]: one row per image, columns original / masked input /
-    reconstruction (visible patches pasted back)."""
-    _, pred, _ = model(imgs, mask)
+    reconstruction (visible patches pasted back). num_visible: the visible patches of every mask,
+    when the caller knows it (see FCMAE.prepare_mask)."""
+    _, pred, _ = model(imgs, mask, num_visible=num_visible)
     recon = model.reconstruct(imgs, pred, mask)
     removed = model.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * model.in_chans),
                                grid=model.grid_size(imgs))

@@ -325,6 +325,54 @@ def test_a_killed_worker_restarts_the_group_which_resumes_and_ends_as_the_uninte
     assert_same(load_file(str(two_straight / "encoder.safetensors")), load_file(str(out / "encoder.safetensors")))
 
 
+@pytest.mark.slow
+def test_unreadable_data_on_one_of_two_processes_stops_both_at_one_step_with_one_sentence(images, tmp_path):
+    """Each process reads its own shards; one shard is damaged. Its process keeps in step on a
+    stand-in until the next loss read-back, where both stop, nothing saved after the last good
+    checkpoint, long before --dist_timeout."""
+    from fcmae.data import write_shards
+    shards = tmp_path / "shards"
+    write_shards(images, shards, per_shard=12, say=lambda _: None)  # 2 shards of 12
+    damaged = sorted(shards.glob("*.tar"))[1]
+    damaged.write_bytes(b"\0" * 100 + damaged.read_bytes()[100:2000])
+    out = tmp_path / "run"
+    args = [*map(str, SMALL), "--data_path", str(shards), "--batch_size", "2", "--device", "cpu", "--epochs", "3",
+            "--log_every", "2", "--dist_timeout", "5"]
+    begun = time.monotonic()
+    proc = start([*launcher(29536), str(ROOT / "pretrain.py"), *args], out)
+    code, stdout, stderr = finish(proc, timeout=300)
+    assert time.monotonic() - begun < 120, "a process waited for the other"
+    assert code == 1
+    said = [line for line in stdout.splitlines() + stderr.splitlines() if line.startswith("error: ")]
+    assert any(re.match(r"error: process [01] of 2: the shard .*cannot be read .*\(at step (\d+)\); stopping\.", line)
+               for line in said), stderr[-3000:]
+    steps = {int(m.group(1)) for line in said for m in [re.search(r"at step (\d+)", line)] if m}
+    assert len(steps) == 1, said  # both stopped at the same step
+    assert 'pretrain.py", line' not in stderr  # no traceback of ours (the launcher reports its worker's exit)
+    assert not (out / "checkpoints").exists() or checkpoints(out) == []
+
+
+@pytest.mark.slow
+def test_a_launch_of_two_processes_that_forms_no_group_refuses(images, tmp_path):
+    """Without a GPU and without --device cpu, accelerate starts processes that form no group: each
+    would train alone into the same folder. Each refuses instead."""
+    proc = start([*launcher(29538), str(ROOT / "pretrain.py"), *map(str, SMALL), "--data_path", str(images)],
+                 tmp_path / "run")
+    code, stdout, stderr = finish(proc, timeout=300)
+    assert code != 0
+    refusals = [line for line in stderr.splitlines() if line.startswith("pretrain.py: error: ")]
+    assert len(refusals) == 2 and all("launched as one of 2 (WORLD_SIZE=2) but formed no process group" in line
+                                      and "--device cpu" in line for line in refusals), stderr[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_one_process_of_several_alone_refuses(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    _, err = pretrain_here(*SMALL, "--data_path", images, "--output_dir", tmp_path / "run", expect=2, capsys=capsys)
+    assert err.startswith("pretrain.py: error: this process was launched as one of 4 (WORLD_SIZE=4)"), err
+    assert len(err.strip().splitlines()) == 1
+
+
 # ----- the README ----------------------------------------------------------------------------------------
 
 def flags_of(command_text):

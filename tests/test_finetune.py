@@ -3,6 +3,7 @@ the dense classifier, linear probing, exact evaluation and exact resume."""
 import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import fcmae
 from fcmae import layouts, weights
 from fcmae.optim import param_groups
 from fcmae.data import share
-from test_pretrain import make_images, run_script, usage_error
+from test_pretrain import env, make_images, run_script, usage_error
 from test_weights import minkowski_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,15 +368,20 @@ def test_two_processes_evaluate_exactly_and_train_like_one(data, encoder_file, t
                   "--main_process_port", "29519"]
     args = ["--model", "convnextv2_atto", "--finetune", encoder_file, "--data_path", data, *SMALL,
             "--aa", "none", "--reprob", "0", "--smoothing", "0", "--blr", "1e-2", "--warmup_epochs", "0"]
-    two = run_finetune(*args, "--batch_size", "2", "--output_dir", tmp_path / "two", launcher=accelerate)
+    # 2 processes x 2 micro-steps of 1 (the shipped configs' no_sync path) against 1 process x 4
+    two = run_finetune(*args, "--batch_size", "1", "--update_freq", "2", "--output_dir", tmp_path / "two",
+                       launcher=accelerate)
     assert "parameters identical on all 2 processes" in two.stdout
-    one = run_finetune(*args, "--output_dir", tmp_path / "one")
+    one = run_finetune(*args, "--batch_size", "1", "--update_freq", "4", "--output_dir", tmp_path / "one")
     a, b = log_lines(tmp_path / "one"), log_lines(tmp_path / "two")
     for x, y in zip(a, b):  # 9 validation images over 2 processes: 4 + 5, none counted twice
         assert y["test_images"] == 9
         assert x["test_acc1"] == pytest.approx(y["test_acc1"]) and x["test_loss"] == pytest.approx(y["test_loss"],
                                                                                                       rel=1e-4)
     assert "Traceback" not in two.stderr + one.stderr
+    alone, together = (load_file(str(last_checkpoint(tmp_path / n) / "model.safetensors")) for n in ("one", "two"))
+    for key in alone:
+        torch.testing.assert_close(together[key], alone[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
 def test_eval_transform_as_the_official():
@@ -478,7 +484,8 @@ def test_finetune_configs_parse(config):
     args = parse_with_config(finetune.get_args_parser(), ["--config", str(config), "--data_path", "/data"])
     finetune.check_args(args)
     assert args.model == config.stem and args.batch_size * args.update_freq * 8 == 1024
-    assert args.model_ema and args.model_ema_eval and args.use_amp and args.aa == "rand-m9-mstd0.5-inc1"
+    assert args.model_ema and args.model_ema_eval and args.aa == "rand-m9-mstd0.5-inc1"
+    assert args.mixed_precision == "bf16"  # the GPU's fast path (the official AMP was fp16)
     official = {  # TRAINING.md
         "convnextv2_atto": (2e-4, 600, 0, "single", 0.9, 0.3, 0.1, 0.0, 0.0, 0.2),
         "convnextv2_tiny": (8e-4, 300, 40, "single", 0.9, 0.05, 0.2, 0.8, 1.0, 0.1),
@@ -493,14 +500,24 @@ def test_finetune_configs_parse(config):
 
 @pytest.mark.slow
 def test_compiled_fine_tuning_matches_eager(data, encoder_file, tmp_path):
-    """--compile trains as eager does, to rounding, with an EMA beside it (made before compiling).
-    SGD, since Adam turns a rounding-level difference in a near-zero gradient into a full step."""
+    """--compile trains as eager does, to rounding, with an EMA beside it (made before compiling),
+    and evaluates the model and the EMA weights (9 images in batches of 4: the last one smaller)
+    between training steps without compiling anything again: no guard fails. SGD, since Adam
+    turns a rounding-level difference in a near-zero gradient into a full step."""
     args = ["--model", "convnextv2_atto", "--finetune", encoder_file, "--data_path", data, *SMALL,
-            "--max_steps", "3", "--disable_eval", "true", "--model_ema", "true", "--opt", "sgd", "--blr", "5",
-            "--warmup_epochs", "0", "--aa", "none", "--reprob", "0"]
-    run_finetune(*args, "--output_dir", tmp_path / "eager")
-    result = run_finetune(*args, "--output_dir", tmp_path / "compiled", "--compile", "true", timeout=1200)
+            "--max_steps", "8", "--model_ema", "true", "--model_ema_eval", "true", "--opt", "sgd", "--blr", "5",
+            "--warmup_epochs", "0", "--aa", "none", "--reprob", "0"]  # 6 steps an epoch: train, evaluate, train
+    eager_run = run_finetune(*args, "--output_dir", tmp_path / "eager")
+    result = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *map(str, args), "--output_dir",
+                             str(tmp_path / "compiled"), "--compile", "true"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=1500, env={**env(), "TORCH_LOGS": "recompiles"})
+    assert result.returncode == 0, result.stderr[-3000:]
     assert "torch.compile" in result.stdout
+    assert "Recompiling function" not in result.stderr, result.stderr[-3000:]
+    compiled_eval, eager_eval = log_lines(tmp_path / "compiled")[0], log_lines(tmp_path / "eager")[0]
+    for key in ("test_loss", "test_loss_ema"):  # the evaluation graph (last batch padded) as eager
+        assert compiled_eval[key] == pytest.approx(eager_eval[key], rel=1e-3), key
+    assert "EMA top-1" in eager_run.stdout
     eager = load_file(str(last_checkpoint(tmp_path / "eager") / "model.safetensors"))
     compiled = load_file(str(last_checkpoint(tmp_path / "compiled") / "model.safetensors"))
     pretrained = load_file(str(encoder_file))

@@ -147,7 +147,7 @@ def test_finetune_without_data_says_what_it_needs():
 
 @pytest.mark.slow
 def test_gpu_benchmark_script_runs_its_smoke_plan_on_cpu(tmp_path):
-    """benchmarks/gpu/run.py is run for real only where a GPU is lent: its CPU smoke plan keeps
+    """benchmarks/gpu/run.py runs for real only on a GPU: its CPU smoke plan keeps
     every part of it (table, synthetic photographs, loader, pretrain.py run, summary) working."""
     result = run("benchmarks/gpu/run.py", tmp_path, "--smoke", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -162,6 +162,9 @@ def test_gpu_benchmark_script_runs_its_smoke_plan_on_cpu(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "## Training step" in text and "## Input pipeline" in text and "## pretrain.py" in text
     assert "## Exactness tests on this device" in text
+    check = summary["sync_check"]  # the stand-in's synchronisation check, on CPU
+    assert check["returncode"] == 0 and "no host synchronisation in" in check["result"], check
+    assert "## Host synchronisation in the training steps" in text
     assert (tmp_path / "summary.json").stat().st_size + len(text) < 1_000_000
 
 

@@ -259,7 +259,7 @@ def report(cfg, runs, val, test, chosen, subsets, pre, results, counts, timings,
             row[arm] = {"test_acc1": accs, "mean": mean, "std": std, "blr": blr,
                         "lr": blr * 32 / 256, "val_acc1_by_blr": {f"{b:g}": v for b, v in val_by_blr.items()}}
         row["gain"] = row["pretrained"]["mean"] - row["scratch"]["mean"]
-        # the acceptance test needs a spread on both sides: None with a single seed
+        # the gain is judged against the spread of both arms: None with a single seed
         seeded = min(len(row[arm]["test_acc1"]) for arm in ("pretrained", "scratch")) > 1
         row["gain_over_twice_larger_std"] = (row["gain"] > 2 * max(row["pretrained"]["std"], row["scratch"]["std"])
                                              if seeded else None)

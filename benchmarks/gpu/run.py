@@ -10,7 +10,10 @@ not end in time is cut off and reported as not measured):
    convnextv2_base (batch 128) and convnextv2_atto (batch 256); minkowski too where MinkowskiEngine's
    CUDA build is installed;
 2. the exactness tests on the GPU: tests/test_backends.py and tests/test_minkowski.py, their CUDA
-   cases (backends agree with dense to the CPU tolerances), where pytest is installed;
+   cases (backends agree with dense to the CPU tolerances), where pytest is installed; and the
+   synchronisation check on the GPU (`python -m fcmae.bench --sync_check cuda`: pretrain.py in
+   bf16 and finetune.py in fp16 with its gradient scaler, a few steps each, under CUDA's sync
+   debug mode inside every step and evaluation batch);
 3. the input pipeline on a folder of synthetic JPEG photographs it writes (ImageNet-like size
    and file size) and on the same images as webdataset shards, at several worker counts: images/s
    of one process (one GPU) with the `scaled` decoder (Pillow in the workers, the CPU path) and,
@@ -19,37 +22,13 @@ not end in time is cut off and reported as not measured):
 4. 200 steps of pretrain.py (base, batch 128, bf16) on that folder, loader included;
 5. the same table compiled (torch.compile), base first (minkowski cannot be compiled).
 
-On this workplace's lent GPU machine (no package registry; torch, timm and accelerate are there,
-webdataset and braceexpand are not): download their wheels here first,
-    python3 -m pip download --no-deps -d .whl webdataset==1.0.2 braceexpand==0.1.7
-with, for the minkowski row, a CUDA MinkowskiEngine wheel built here for that machine's Python and
-torch (3.12 and 2.11.0+cu130 when last seen; a Python 3.12 venv holding that torch as PYTHON),
-    PYTHON=... TORCH_CUDA_ARCH_LIST=9.0 bash scripts/install_minkowski.sh --cuda
-    cp ~/.cache/fcmae/wheels/minkowskiengine-0.5.4-torch2.11.0-cp312-cuda13.0-sm90/*.whl .whl/
-and run, with `.whl` carried and a timeout of about 540 s,
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/run.py $OUT/gpu
-The summary is well under 1 MB.
-
-The dali rows need DALI there too. Its wheels (nvidia-dali-cuda130, for CUDA 13 drivers, and what
-it needs that the machine lacks) are about 270 MB, over the 64 MiB that one call carries, so they
-travel in parts, one per call, into /tmp of a machine kept warm between the calls (it goes back
-after about 30 s idle: make the calls one after the other). Here:
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux2014_x86_64 \
-        -d /tmp/dali_whl nvidia-dali-cuda130==2.4.0 nvidia-nvimgcodec-cu13==0.9.0.20 \
-        nvidia-libnvcomp-cu13==5.3.0.16 nvidia-nvjpeg==13.3.2.43 nvidia-nvjpeg2k-cu13==0.11.0.51 \
-        nvidia-nvtiff-cu13==0.8.0.82 nvtx==0.2.17 makefun==1.16.0 libcst==1.9.0 astunparse==1.6.3 \
-        gast==0.7.0 optree==0.20.0
-    tar -cf - -C /tmp dali_whl | split -b 56M - /tmp/dali_part.     # 5 parts
-    echo /.dali/ >> .git/info/exclude
-then for each part in turn: empty .dali, copy that one part into it, and run, with `.dali` carried,
-    mkdir -p /tmp/dali && cp .dali/dali_part.* /tmp/dali/
-and last, with `.whl` carried, the run above with the DALI wheels added to the install:
-    cat /tmp/dali/dali_part.* | tar -xf - -C /tmp && \
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl /tmp/dali_whl/*.whl && \
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu/run.py $OUT/gpu
-(six, numpy, packaging, pyyaml and typing-extensions, which DALI needs too, are there already.)
+Run it from a checkout on any machine with one CUDA GPU, in an environment with the project
+installed (`pip install -e .`, or its requirements and PYTHONPATH=. from the checkout's root):
+    python benchmarks/gpu/run.py OUT_DIR
+The dali rows need NVIDIA DALI (`pip install -e ".[dali]"`, CUDA 13 drivers); without it the
+loader table says why they are left out. The minkowski row needs MinkowskiEngine's CUDA build
+(`bash scripts/install_minkowski.sh --cuda`); without it the row is left out. pytest runs the
+exactness tests where it is installed. Nothing is downloaded: the photographs are synthetic.
 """
 import argparse
 import importlib.util
@@ -154,6 +133,22 @@ def gpu_tests(plan, deadline):
             "output_tail": "" if result.returncode == 0 else (result.stdout + result.stderr)[-3000:]}
 
 
+def sync_check(plan, deadline):
+    """`python -m fcmae.bench --sync_check`: on the GPU under CUDA's sync debug mode (the smoke plan:
+    the meta device standing in for it), in a subprocess."""
+    where = "cuda" if plan["device"] == "cuda" else "meta"
+    command = [sys.executable, "-m", "fcmae.bench", "--sync_check", where]
+    record = {"command": shlex.join(command[1:]), "device": where}
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True,
+                                timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return {**record, "skipped": "out of time"}
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    return {**record, "returncode": result.returncode, "result": lines[-1] if lines else "",
+            "output_tail": "" if result.returncode == 0 else "\n".join(lines[-40:])}
+
+
 def pretrain_run(plan, data, repeats, out, deadline):
     p = plan["pretrain"]
     command = [sys.executable, str(ROOT / "pretrain.py"), "--data_path", str(data), "--model", p["model"],
@@ -241,6 +236,13 @@ def markdown(summary):
                          f"{', '.join(tests['backends'])})")
             if tests["output_tail"]:
                 lines += ["", "```", tests["output_tail"], "```"]
+    check = summary.get("sync_check")
+    if check:
+        lines += ["", "## Host synchronisation in the training steps", "", f"`{check['command']}`", ""]
+        lines.append("not run: " + check["skipped"] if "skipped" in check else
+                     f"{check['result']} (exit status {check['returncode']})")
+        if check.get("output_tail"):
+            lines += ["", "```", check["output_tail"], "```"]
     loader = summary.get("loader", [])
     if loader:
         lines += ["", f"## Input pipeline ({summary['photos']})", "",
@@ -293,6 +295,8 @@ def main(argv=None):
     summary["steps"] = step_table(plan, False, peak, deadline)
     save()
     summary["tests"] = gpu_tests(plan, deadline)
+    save()
+    summary["sync_check"] = sync_check(plan, deadline)
     save()
 
     scratch = Path(tempfile.mkdtemp(prefix="fcmae_gpu_bench_"))

@@ -75,6 +75,16 @@ def parse_args(argv=None):
     parser.add_argument("--decoder", nargs="+", default=[DEFAULT_DECODER], choices=list(DECODERS), metavar="NAME",
                         help=f"with --data: the decoders to measure, of {', '.join(DECODERS)} (default: "
                              f"{DEFAULT_DECODER}, pretrain.py's)")
+    # the synchronisation check
+    parser.add_argument("--sync_check", nargs="?", const="meta", default=None, choices=["meta", "cuda"],
+                        help="instead of timing: run a few steps of pretrain.py and finetune.py on a stand-in for the "
+                             "GPU (meta, PyTorch's data-less device; or cuda: a real GPU under CUDA's sync debug mode) "
+                             "and report every host synchronisation inside a step or evaluation batch; exit status 1 "
+                             "if any (default with the flag alone: meta)")
+    parser.add_argument("--pretrain_script", default=None, metavar="PATH",
+                        help="with --sync_check: the pretrain.py to check (default: the one beside the fcmae package)")
+    parser.add_argument("--finetune_script", default=None, metavar="PATH",
+                        help="with --sync_check: the finetune.py to check (default: the one beside the fcmae package)")
     args = parser.parse_args(argv)
     if len(args.input_size) not in (1, 2):
         parser.error("--input_size takes one value (square) or two (height width)")
@@ -330,8 +340,28 @@ def bench_loader(args):
     return records
 
 
+def sync_check(args):
+    """--sync_check: the report of fcmae.training.sync_check; its exit status."""
+    from fcmae.training import sync_check
+    scripts = sync_check.default_scripts()
+    for name, given in (("pretrain.py", args.pretrain_script), ("finetune.py", args.finetune_script)):
+        scripts[name] = Path(given) if given else scripts[name]
+        if not scripts[name].is_file():
+            raise SystemExit(f"{command_name('bench')}: error: --sync_check runs {name}, and {scripts[name]} does not "
+                             f"exist; name it with --{name.split('.')[0]}_script")
+    if args.sync_check == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{command_name('bench')}: error: --sync_check cuda needs a CUDA GPU, and torch sees none; "
+                         "use --sync_check alone (the meta device stands in for it)")
+    return sync_check.main(scripts, args.sync_check)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.sync_check is not None:
+        code = sync_check(args)
+        if code:
+            raise SystemExit(code)
+        return []
     if args.data is not None:
         try:
             records = bench_loader(args)

@@ -9,8 +9,9 @@
 - `transforms`: the augmentations, drawn before decoding, and the normalisation on the device;
 - `images`: a source, a transform and a decoder as a torch dataset;
 - `sampling`: the seeds of every random stream, the sampler of random-access sources, the masks;
-- `splits`: fine-tuning's training and evaluation data; `conversion`: writing shards and shrunk
-  copies of folders; `shrinking`: re-encoding one large image at a smaller size.
+- `splits`: fine-tuning's training and evaluation data; `mixup`: Mixup/CutMix on the device;
+  `conversion`: writing shards and shrunk copies of folders; `shrinking`: re-encoding one large
+  image at a smaller size.
 """
 from fcmae.data.contract import Crop, DataError, Item, Record, Selection, Source, TrainSampler, collate
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER, FullDecoder, ScaledDecoder, get_decoder
@@ -20,6 +21,7 @@ from fcmae.data.folders import (
 from fcmae.data.hugging_face import HuggingFaceSource, holds_splits, is_hugging_face, parse_splits
 from fcmae.data.images import Images
 from fcmae.data.indexed import IndexedSource
+from fcmae.data.mixup import Mixup
 from fcmae.data.registry import SOURCES, open_images, open_source, source_class
 from fcmae.data.sampling import STREAMS, StepBatchSampler, WithMasks, derive_seed, seeded, share
 from fcmae.data.tar_shards import Shards, ShardBatchSampler, ShardSource, is_shard_source
@@ -34,7 +36,7 @@ __all__ = [
     "Crop", "DataError", "Item", "Record", "Selection", "Source", "TrainSampler", "collate", "DECODERS",
     "DEFAULT_DECODER", "FullDecoder", "ScaledDecoder", "get_decoder", "IMG_EXTENSIONS", "SAMPLE_PHOTOGRAPHS",
     "FolderSource", "class_folders", "find_images", "sample_photographs", "HuggingFaceSource", "holds_splits",
-    "is_hugging_face", "parse_splits", "Images", "IndexedSource", "SOURCES", "open_images", "open_source",
+    "is_hugging_face", "parse_splits", "Images", "IndexedSource", "Mixup", "SOURCES", "open_images", "open_source",
     "source_class", "STREAMS", "StepBatchSampler", "WithMasks", "derive_seed", "seeded", "share", "Shards",
     "ShardBatchSampler", "ShardSource", "is_shard_source", "finetune_datasets", "IMAGENET_MEAN", "IMAGENET_STD",
     "EvalTransform", "FinetuneTransform", "PretrainTransform", "eval_transform", "mean_std", "normalization",

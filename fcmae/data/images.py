@@ -6,7 +6,8 @@ import warnings
 import torch
 from PIL import Image
 
-from fcmae.data.contract import DataError, Item
+from fcmae.config import ConfigError
+from fcmae.data.contract import DataError, Item, collate
 from fcmae.data.decoders import FullDecoder, ScaledDecoder
 from fcmae.data.sampling import derive_seed, seeded
 from fcmae.data.transforms import to_device
@@ -82,19 +83,38 @@ class Images(torch.utils.data.Dataset):
     def __getitem__(self, key):
         return self.__getitems__([key])[0]
 
-    def prepare(self, batch, device):
+    def stand_in_batch(self, count):
+        """A micro-batch of `count` items made of the data's first readable images (repeated when
+        fewer): what a process whose own data cannot be read trains on until every process stops at
+        the next loss read-back; nothing trained on it is saved. ConfigError when none is readable."""
+        readable = []
+        for record in itertools.islice(self.source.first_records(), 4 * count):
+            image = self.load(record, record.seed_index, 0)
+            if image is not None:
+                readable.append(Item(image, -1 if record.label is None else record.label))
+            if len(readable) == count:
+                break
+        if not readable:
+            raise ConfigError(f"none of the first images of {self.source.where} is readable")
+        return collate([readable[i % len(readable)] for i in range(count)])
+
+    def prepare(self, batch, device, channels_last=False):
         """(the batch's images as the model takes them, on `device`; images skipped in the batch).
-        uint8 images are converted and normalised there; an on-device decoder decodes first."""
-        images, skipped = batch.image, int(batch.skipped.sum())
+        uint8 images are converted and normalised there; an on-device decoder decodes first.
+        `channels_last`: the images in channels-last memory (see to_device)."""
+        images, skipped = batch.image, int(batch.skipped.sum())  # counted on the host: the batch is there
         if not isinstance(images, torch.Tensor):  # what an on-device decoder shipped undecoded
             images, failed = self.decoder.decode_batch(images, device)
             skipped += failed
-        return to_device(images, device, self.transform.mean, self.transform.std), skipped
+        return to_device(images, device, self.transform.mean, self.transform.std, channels_last), skipped
 
-    def pictures(self, count):
-        """The first `count` readable images, whole, as PIL images (for the reconstruction pictures)."""
-        pictures = []
-        for record in itertools.islice(self.source.first_records(), 4 * count):
+    def pictures(self, count, scan=10_000):
+        """The first `count` readable images, whole, as PIL images (for the reconstruction pictures),
+        skipping unreadable ones among the first `scan` images; ConfigError (one sentence) when none
+        of them is readable."""
+        pictures, seen = [], 0
+        for record in itertools.islice(self.source.first_records(), scan):
+            seen += 1
             try:
                 with record.open() as img:
                     pictures.append(FullDecoder().whole(img, self.transform.mode))
@@ -102,5 +122,8 @@ class Images(torch.utils.data.Dataset):
                 continue
             if len(pictures) == count:
                 break
+        if not pictures:
+            some = f"the first {seen}" if seen == scan else f"the {seen}"
+            raise ConfigError(f"none of {some} images of {self.source.where} is readable (not an image file, or "
+                              "damaged); check the files, or point --data_path at readable images")
         return pictures
-

@@ -104,8 +104,13 @@ class WithMasks(torch.utils.data.Dataset):
     def batch_sampler(self, *args, **kwargs):
         return self.dataset.batch_sampler(*args, **kwargs)
 
-    def prepare(self, batch, device):
-        return self.dataset.prepare(batch, device)
+    def prepare(self, batch, device, channels_last=False):
+        return self.dataset.prepare(batch, device, channels_last)
+
+    def stand_in_batch(self, count):
+        """The dataset's stand-in micro-batch (see Images.stand_in_batch), with masks."""
+        batch = self.dataset.stand_in_batch(count)
+        return batch._replace(mask=torch.stack([self.mask((0, i)) for i in range(count)]))
 
     def mask(self, key):
         *_, epoch, position = key

@@ -11,6 +11,7 @@ device, inside the step, by `to_device`): pretraining and evaluation. Fine-tunin
 transform ships float32 normalised images, because RandAugment's fill, random erasing and
 colour jitter work after the normalisation; the reconstruction pictures are float32 too.
 """
+import functools
 import random
 
 import torch
@@ -49,16 +50,27 @@ def pair(size):
     return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
 
 
-def to_device(images, device, mean, std):
+@functools.lru_cache(maxsize=None)
+def device_values(values, device):
+    """The float32 vector `values` (a tuple) on `device`, made once and filled there one value at a
+    time: a small tensor copied from the host's pageable memory would make a CUDA host wait."""
+    vector = torch.empty(len(values), dtype=torch.float32, device=device)
+    for i, value in enumerate(values):
+        vector[i] = value
+    return vector
+
+
+def to_device(images, device, mean, std, channels_last=False):
     """A batch as the model takes it, (N, C, H, W) float32 on `device`: uint8 (N, H, W, C) images
     are converted and normalised there, with the operations of ToTensor + Normalize (so the same
-    values as in a worker); float images (already normalised) are only moved."""
+    values as in a worker); float images (already normalised) are only moved. The copy leaves
+    pinned memory (the loader pins its batches on CUDA) without waiting. `channels_last`: in
+    channels-last memory (the uint8 path's own layout: no copy), else contiguous."""
     images = images.to(device, non_blocking=True)
-    if images.dtype != torch.uint8:
-        return images
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=device)
-    std = torch.as_tensor(std, dtype=torch.float32, device=device)
-    return images.float().div_(255).sub_(mean).div_(std).permute(0, 3, 1, 2).contiguous()
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255).sub_(device_values(tuple(mean), images.device))
+        images = images.div_(device_values(tuple(std), images.device)).permute(0, 3, 1, 2)
+    return images.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 class PretrainTransform:

@@ -102,7 +102,11 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
     g.add_argument("--device", default=None, choices=["cpu", "cuda"],
                    help="force a device (default: what accelerate chooses)")
     g.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
-                   help="default: what `accelerate config` / `accelerate launch` set")
+                   help="default: what `accelerate config` / `accelerate launch` set (the GPU configs in configs/ "
+                        "set bf16)")
+    g.add_argument("--tf32", default=True, type=str2bool,
+                   help="on CUDA without mixed precision: fp32 matrix products and convolutions on tensor cores "
+                        "(TF32, about 1e-3 relative error); false for true fp32")
     g.add_argument("--dist_timeout", default=10, type=POSITIVE,
                    help="minutes a process waits in a collective for the others before it fails (a dead peer)")
     g.add_argument("--compile", default=False, type=str2bool,

@@ -11,9 +11,11 @@ from the dataset's batch sampler and per-sample seeds, and the global random gen
 from (seed, step, process) before every step (drop path, mixup). A run killed at any moment and
 resumed from its newest checkpoint therefore ends exactly where the uninterrupted run would have.
 
-A stop signal (fcmae.training.signals) or a due time-based save is agreed on by all processes at
-the loss read-back every --log_every steps, inside the all-reduce that read-back makes anyway, so
-the processes save at the same step without any synchronisation of their own.
+Nothing in a step makes the host wait for the device (fcmae.training.waits names the regions
+that must not wait and the few built to). A stop signal (fcmae.training.signals), a due
+time-based save and a process's unreadable data are agreed on by all processes at the loss
+read-back every --log_every steps, inside the all-reduce that read-back makes anyway, so the
+processes save, or stop, at the same step without any synchronisation of their own.
 """
 import contextlib
 import functools
@@ -38,6 +40,7 @@ from fcmae.data import DataError, collate, derive_seed
 from fcmae.optim import cosine_lr, set_lr
 from fcmae.training.checkpoint import Checkpoint, TrainState, check_fits, latest_checkpoint, save_checkpoint
 from fcmae.training.signals import PREEMPTED_EXIT_CODE, StopSignals, ignore_signals
+from fcmae.training.waits import designed_wait, no_wait
 from fcmae.weights import WeightsError
 from fcmae.weights import describe as describe_loaded
 
@@ -79,6 +82,10 @@ class Run:
     save_ckpt_freq, save_ckpt_steps, save_ckpt_num, save_ckpt_minutes, stop_signals, dist_timeout,
     remap_epochs, log_every, batch_size, update_freq, num_workers, pin_mem, clip_grad)."""
 
+    # A stand-in for the GPU (fcmae.training.sync_check, set while it runs): the steps run on its
+    # device, and its loader() sees every batch the DataLoader delivers.
+    stand_in = None
+
     def __init__(self, args, name, mixed_precision=None, resume_advice=""):
         self.args, self.name = args, name
         self.resume_advice = resume_advice  # added to the sentence refusing another run's checkpoint
@@ -88,13 +95,26 @@ class Run:
         project = ProjectConfiguration(project_dir=str(self.log_dir or "."), logging_dir=str(self.log_dir or "."))
         # a process whose peer died must not wait in a collective forever
         timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=args.dist_timeout))
+        if mixed_precision == "bf16" and args.device != "cpu" and torch.cuda.is_available() \
+                and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{torch.cuda.get_device_name()} has no bf16 arithmetic, which --mixed_precision bf16 "
+                              "(and the configs in configs/) ask for; pass --mixed_precision fp16 instead")
         self.accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision,
                                        log_with=self.log_with, project_config=project, kwargs_handlers=[timeout])
-        if self.accelerator.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its conv algorithms once
+        if self.accelerator.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            # accelerate runs fp16 on the CPU as fp32, silently; torch's CPU autocast and gradient scaler
+            # make it fp16 there too (and test the GPU's fp16 path, scaler included, on the CPU)
+            self.accelerator.native_amp, self.accelerator.scaler = True, torch.amp.GradScaler("cpu")
         self.say = self.accelerator.print
         self.main_process = self.accelerator.is_main_process
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        check_process_group(self.world, args.device)
+        self.tf32 = False
+        if self.accelerator.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its conv algorithms once
+            # fp32 matrix products and convolutions on tensor cores (TF32, ~1e-3 relative), unless --tf32 false
+            self.tf32 = args.tf32 and self.accelerator.mixed_precision == "no"
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
         self.ckpt_dir = self.out / "checkpoints" if self.out else None
         self.state = TrainState()
         self.model = self.optimizer = self.steps_per_epoch_ = None  # set by restore
@@ -106,10 +126,19 @@ class Run:
         self.pending = []
         self.tic, self.timed_from, self.images_per_s = time.perf_counter(), 0, 0.0
         self.evaluation_loaders = {}  # id(dataset) -> DataLoader
+        self.data_error = None  # this process's unreadable data (one sentence), until all processes stop
 
     @property
     def device(self):
-        return self.accelerator.device
+        return self.stand_in.device if self.stand_in is not None else self.accelerator.device
+
+    @property
+    def precision(self):
+        """The run's arithmetic, for its summary line: "bf16 mixed precision", "fp32 with TF32 ...", "fp32"."""
+        mixed = self.accelerator.mixed_precision
+        if mixed != "no":
+            return f"{mixed} mixed precision"
+        return "fp32 with TF32 matrix products" if self.tf32 else "fp32"
 
     @property
     def eff_batch(self):
@@ -158,8 +187,8 @@ class Run:
         """Set `model` up to train, in the one order that works; returns (model, optimizer), prepared.
 
         1. the files of `weights`, then a --resume weights file, each loaded by `load(model, path)`;
-        2. extras(model) -> {name: module}: a script's own state (fine-tuning's EMA), made from the
-           loaded weights and saved with every checkpoint;
+        2. the model moved to the run's device; extras(model) -> {name: module}: a script's own
+           state (fine-tuning's EMA), made from the loaded weights and saved with every checkpoint;
         3. make_optimizer(model); 4. torch.compile with --compile (`compile_options`), after the
            extras are copied; 5. accelerate's prepare; 6. the resume (restore); 7. summary(model)
            said (the unwrapped model), with the batch and learning rate; the logs opened.
@@ -170,11 +199,17 @@ class Run:
         loaded = None
         for path in filter(None, [*weights, resume_file]):
             loaded = self.load_weights(load, model, path)
+        if self.stand_in is None:
+            model.to(self.device)  # first: the extras (an EMA's copy) are made where the model trains
         kept = extras(model) if extras is not None else {}
+        if self.stand_in is not None:  # made on the host, where torch builds their generators, then moved
+            for module in (model, *kept.values()):
+                module.to(self.device)
         optimizer = make_optimizer(model)
         if args.compile:
             model.compile(**(compile_options or {}))
-        model, optimizer = self.accelerator.prepare(model, optimizer)
+        model, optimizer = self.accelerator.prepare(model, optimizer,
+                                                    device_placement=[self.stand_in is None] * 2)
         for name, module in kept.items():
             self.keep(name, module)
         self.restore(model, optimizer, schedule.steps_per_epoch, file_extras=loaded["extras"] if resume_file else None)
@@ -295,8 +330,9 @@ class Run:
         if epoch is not None:
             self.read_losses(epoch, progress)
         if self.out and self.args.save_ckpt and self.saved_at != self.state.global_step:
-            save_checkpoint(self.accelerator, self.ckpt_dir, self.state.global_step, self.args.save_ckpt_num,
-                            self.model, self.optimizer, self.state, self.modules, self.run_shape())
+            with designed_wait("checkpoint"):  # the state dicts copied to the host
+                save_checkpoint(self.accelerator, self.ckpt_dir, self.state.global_step, self.args.save_ckpt_num,
+                                self.model, self.optimizer, self.state, self.modules, self.run_shape())
             self.saved_at = self.state.global_step
         self.saved_time, self.save_agreed = time.monotonic(), False
 
@@ -307,10 +343,11 @@ class Run:
         sampler is told each epoch, and the step it starts at, with `set_epoch`), across
         evaluations for an evaluation's fixed batches."""
         args = self.args
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers,
-                                           pin_memory=args.pin_mem and self.device.type == "cuda",
-                                           persistent_workers=args.num_workers > 0, collate_fn=collate,
-                                           worker_init_fn=functools.partial(ignore_signals, args.stop_signals))
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.num_workers,
+                                             pin_memory=args.pin_mem and self.device.type == "cuda",
+                                             persistent_workers=args.num_workers > 0, collate_fn=collate,
+                                             worker_init_fn=functools.partial(ignore_signals, args.stop_signals))
+        return loader if self.stand_in is None else self.stand_in.loader(loader, pin=args.pin_mem)
 
     def evaluation_loader(self, dataset):
         """The loader of this process's share of `dataset` for an exact evaluation, made once."""
@@ -351,14 +388,15 @@ class Run:
             epoch = state.epoch
             (train_mode or model.train)()
             sampler.set_epoch(epoch, start_step=state.step_in_epoch)
-            batches = iter(loader)
+            batches = self.micro_batches(loader, dataset)
             state.epoch_sums = state.epoch_sums or {"loss": 0.0, "lr": 0.0, "steps": 0, "skipped": 0}
             self.tic, self.timed_from = time.perf_counter(), state.step_in_epoch
             for step in range(state.step_in_epoch, schedule.steps_per_epoch):
-                step_lr, grad_norm = self.optimizer_step(model, optimizer, batches, schedule, micro_step)
-                state.step_in_epoch = step + 1
-                if after_step is not None:
-                    after_step()
+                with no_wait("optimiser step"):
+                    step_lr, grad_norm = self.optimizer_step(model, optimizer, batches, schedule, micro_step)
+                    state.step_in_epoch = step + 1
+                    if after_step is not None:
+                        after_step()
                 progress.update(1)
                 self.log_and_save(epoch, progress, step_lr, grad_norm)
                 if state.global_step >= schedule.last_step:
@@ -378,11 +416,7 @@ class Run:
         seed_step(args.seed, state.global_step, self.rank)
         step_loss, skipped = None, 0
         for micro in range(args.update_freq):
-            try:
-                batch = next(batches)
-            except DataError as err:  # raised in a worker, it carries the worker's traceback
-                self.stop(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1],
-                          advice="make the data readable")
+            batch = next(batches)
             sync = micro == args.update_freq - 1  # all-reduce gradients on the last micro-step only
             with contextlib.nullcontext() if sync else acc.no_sync(model):
                 with acc.autocast():
@@ -401,6 +435,31 @@ class Run:
         state.global_step += 1
         return step_lr, grad_norm
 
+    def micro_batches(self, loader, dataset):
+        """The loader's micro-batches. When this process's data cannot be read (a DataError: a shard
+        gone, a micro-batch without one readable image), it keeps in step with the others on a
+        stand-in (its last good micro-batch, else `dataset.stand_in_batch`) until the next loss
+        read-back, where every process learns of it and all stop at the same step, before anything
+        is saved (see read_losses)."""
+        batches, last = iter(loader), None
+        while True:
+            try:
+                batch = next(batches)
+                last = batch if self.data_error is None else last
+            except StopIteration:
+                if self.data_error is None:
+                    return
+                batch = last
+            except DataError as err:  # raised in a worker, it carries the worker's traceback
+                self.data_error = self.data_error or str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]
+                batch = last
+            if batch is None:  # nothing of this epoch was read yet
+                try:
+                    batch = last = dataset.stand_in_batch(self.args.batch_size)
+                except (ConfigError, DataError):
+                    self.stop_for_data(1)  # nothing readable stands in: this process stops alone
+            yield batch
+
     def log_and_save(self, epoch, progress, step_lr, grad_norm):
         """After a step: the loss read back and the scalars logged every --log_every steps; a
         checkpoint every --save_ckpt_steps steps, or when the processes agreed on a save."""
@@ -410,7 +469,8 @@ class Run:
             if self.log_with:
                 scalars = {"train/loss": loss_value, "train/lr": step_lr, "train/images_per_s": self.images_per_s}
                 if grad_norm is not None:
-                    scalars["train/grad_norm"] = float(grad_norm)
+                    with designed_wait("loss read-back"):  # the device is idle after the read-back above
+                        scalars["train/grad_norm"] = float(grad_norm)
                 self.accelerator.log(scalars, step=state.global_step)
         if args.save_ckpt_steps and state.global_step % args.save_ckpt_steps == 0 or self.save_agreed:
             self.checkpoint(epoch, progress)
@@ -444,17 +504,21 @@ class Run:
         pending, sums = self.pending, self.state.epoch_sums
         if not pending:
             return None
-        losses = torch.stack([loss for _, _, loss, _ in pending])
-        # the files skipped, then this process's votes to stop (a signal came) and to save (time is up)
-        minutes = self.args.save_ckpt_minutes
-        save_due = bool(minutes) and time.monotonic() - self.saved_time >= 60 * minutes
-        signalled = self.signals is not None and self.signals.received is not None
-        counts = [float(n) for *_, n in pending] + [float(signalled), float(save_due)]
-        totals = self.accelerator.reduce(torch.cat([losses, torch.tensor(counts, device=losses.device)]),
-                                         reduction="sum").tolist()
-        self.stop_agreed = self.stop_agreed or totals[-2] > 0
-        self.save_agreed = self.save_agreed or totals[-1] > 0
-        for (step, lr, _, _), loss_sum, n_skipped in zip(pending, totals, totals[len(pending):-2]):
+        with designed_wait("loss read-back"):
+            losses = torch.stack([loss for _, _, loss, _ in pending])
+            # the files skipped, then this process's votes: to stop (a signal came), to save (time is up),
+            # and that its data could not be read
+            minutes = self.args.save_ckpt_minutes
+            save_due = bool(minutes) and time.monotonic() - self.saved_time >= 60 * minutes
+            signalled = self.signals is not None and self.signals.received is not None
+            counts = [float(n) for *_, n in pending] + [float(signalled), float(save_due), float(bool(self.data_error))]
+            totals = self.accelerator.reduce(torch.cat([losses, torch.tensor(counts, device=losses.device)]),
+                                             reduction="sum").tolist()
+        if totals[-1] > 0:
+            self.stop_for_data(int(totals[-1]))
+        self.stop_agreed = self.stop_agreed or totals[-3] > 0
+        self.save_agreed = self.save_agreed or totals[-2] > 0
+        for (step, lr, _, _), loss_sum, n_skipped in zip(pending, totals, totals[len(pending):-3]):
             loss_value = loss_sum / self.world
             if not math.isfinite(loss_value):
                 self.stop(f"the loss became {loss_value} at step {step} (epoch {epoch})")
@@ -472,13 +536,28 @@ class Run:
 
     # ----- the end -----------------------------------------------------------------------------
 
-    def stop(self, problem, advice="lower the learning rate (--blr) or use --clip_grad"):
-        """Stop every process with `problem`, naming the last good checkpoint."""
+    def stop(self, problem, advice="lower the learning rate (--blr) or use --clip_grad", everyone=False):
+        """Stop this process with `problem`, naming the last good checkpoint: said by the main process,
+        or by this one whatever its rank with `everyone` (a problem only it knows)."""
         last = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
-        self.say(f"error: {problem}; stopping. The last good checkpoint is {last or 'none'}; {advice}, then resume "
-                 "from it.")
+        sentence = f"error: {problem}; stopping. The last good checkpoint is {last or 'none'}; {advice}, then resume " \
+                   "from it."
+        if everyone:
+            print(sentence, file=sys.stderr, flush=True)
+        else:
+            self.say(sentence)
         self.accelerator.end_training()
         sys.exit(1)
+
+    def stop_for_data(self, failed):
+        """Every process, at the same read-back: `failed` processes could not read their data. Each of
+        them says why; the main process, when its own data was fine, says that another's was not."""
+        where = f"at step {self.state.global_step}"
+        if self.data_error:
+            who = f"process {self.rank} of {self.world}: " if self.world > 1 else ""
+            self.stop(f"{who}{self.data_error} ({where})", advice="make the data readable", everyone=True)
+        self.stop(f"{failed} of the {self.world} processes could not read their data ({where}; their messages say "
+                  "why)", advice="make the data readable")
 
     @contextlib.contextmanager
     def stop_signals(self):
@@ -532,6 +611,18 @@ class Run:
     def finish(self):
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
+
+
+def check_process_group(world, device):
+    """A process that a launcher started as one of several (WORLD_SIZE above 1) but that formed no
+    process group would train alone, into the same folder as its would-be peers: ConfigError."""
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and world == 1:
+        remedy = ("torch sees no GPU here: pass --device cpu to train on the CPU in several processes"
+                  if device != "cpu" and not torch.cuda.is_available() else
+                  "check that the launcher's processes can reach each other (MASTER_ADDR, MASTER_PORT)")
+        raise ConfigError(f"this process was launched as one of {launched} (WORLD_SIZE={launched}) but formed no "
+                          f"process group with the others, so each would train alone; {remedy}")
 
 
 def trim_log(path, keep_before_epoch):

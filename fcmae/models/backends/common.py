@@ -38,8 +38,11 @@ def linear(x, layer):
 
 
 def compute_dtype(x):
-    """The dtype autocast will run a convolution of `x` in (x's own when autocast is off)."""
+    """The dtype autocast will run a convolution of `x` in (x's own when autocast is off, or on a
+    device autocast does not know, such as the meta device)."""
     device = x.device.type
+    if not torch.amp.is_autocast_available(device):
+        return x.dtype
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
