@@ -261,3 +261,117 @@ def test_pretraining_with_dali_runs_and_resumes_bitwise(dali, jpeg_folder, tmp_p
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key  # DALI decodes a given batch the same every time
     assert (out / "log.txt").read_text() == (tmp_path / "straight" / "log.txt").read_text()
+
+
+# ----- decoding ahead of the step --------------------------------------------------------------------
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+def loader_batches(items_per_batch):
+    """What a loader yields for pretraining with the dali decoder: Items whose images are EncodedBatches."""
+    from fcmae.data import Item
+    for i, items in enumerate(items_per_batch):
+        yield Item(Encoded.collate(items), torch.full((len(items),), i), torch.zeros(len(items), dtype=torch.long))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_decode_is_not_changed_by_the_next_one(dali, photos, device):
+    """Two batches fed to the pipeline before either is taken, then taken one after the other: the
+    first one's images (copied out of DALI's buffers) stay what they were once the second is
+    decoded, and both are Pillow's crops. On CUDA torch's stream is held back before the first
+    copy, so a copy that could race with DALI's next run would read the second batch's pixels."""
+    named = list(photos.items())
+    first, second = encode(dali, named, 64, seed=1), encode(dali, named, 64, seed=2)
+    assert [a.crop for a in first] != [b.crop for b in second]
+    batches = dali.ahead(loader_batches([first, second]), device)
+    a = next(batches)
+    b = next(batches)  # both fed now
+    if device == "cuda":
+        torch.cuda._sleep(1_000_000_000)  # about half a second of GPU time before the copy can run
+    images_a, failed_a = dali.decode_batch(a.image, device)
+    kept = images_a.clone()
+    images_b, failed_b = dali.decode_batch(b.image, device)
+    images_again, _ = dali.decode_batch(Encoded.collate(first), device)  # and once more, fed and taken at once
+    assert failed_a == failed_b == 0
+    assert torch.equal(images_a, kept) and torch.equal(images_again, images_a)
+    assert_close_to_pillow(images_a.cpu(), pillow(first))
+    assert_close_to_pillow(images_b.cpu(), pillow(second))
+
+
+def test_the_next_batch_is_fed_and_scheduled_when_one_is_handed_out(dali, photos, monkeypatch):
+    named = list(photos.items())[:4]
+    batches = [encode(dali, named, 64, seed=s) for s in range(4)]
+    decoder = get_decoder("dali")  # its own pipelines, built here
+    fed, runs = [], []  # batches fed to DALI; how many had been fed at each schedule_run
+    build = type(decoder).build
+
+    def spied(self, *args):
+        pipe = build(self, *args)
+        feed_input, schedule_run = pipe.feed_input, pipe.schedule_run
+
+        def feeding(name, data):
+            if name == "data":
+                fed.append(len(data))
+            return feed_input(name, data)
+
+        def scheduling():
+            runs.append(len(fed))
+            return schedule_run()
+
+        monkeypatch.setattr(pipe, "feed_input", feeding)
+        monkeypatch.setattr(pipe, "schedule_run", scheduling)
+        return pipe
+
+    monkeypatch.setattr(type(decoder), "build", spied)
+    taken = []
+
+    def loader():
+        for batch in loader_batches(batches):
+            taken.append(batch)
+            yield batch
+
+    decoded = []
+    for k, batch in enumerate(decoder.ahead(loader(), "cpu")):
+        assert batch.image.lane.pipe.prefetch_queue_depth >= 2
+        # when batch k is handed out, batch k + 1 is taken from the loader, fed and its run scheduled:
+        # DALI's first schedule_run runs the first two batches, each later one the next batch
+        ahead = min(k + 2, len(batches))
+        assert len(taken) == len(fed) == ahead and runs == list(range(2, ahead + 1))
+        decoded.append(decoder.decode_batch(batch.image, "cpu")[0])
+    assert len(runs) == len(batches) - 1 and len(fed) == len(batches)  # no batch decoded twice
+    for items, images in zip(batches, decoded):
+        assert torch.equal(images, get_decoder("dali").decode_batch(Encoded.collate(items), "cpu")[0])
+
+
+def test_decoding_ahead_keeps_the_fallback_and_the_loader_s_errors_in_place(dali, photos):
+    files = odd_files()
+    good = encode(dali, list(photos.items())[:3], 64)
+    bad = encode(dali, [("truncated.jpg", files["truncated.jpg"]), *list(photos.items())[:2]], 64)
+
+    def failing():
+        yield from loader_batches([good, bad, good])
+        raise DataError("the shard x cannot be read")
+
+    batches = dali.ahead(failing(), "cpu")
+    first = next(batches)
+    images, failed = dali.decode_batch(first.image, "cpu")  # fed beside a batch DALI cannot decode
+    assert failed == 0
+    assert torch.equal(images, get_decoder("dali").decode_batch(Encoded.collate(good), "cpu")[0])
+    second = next(batches)
+    with pytest.warns(UserWarning) as caught:
+        images, failed = dali.decode_batch(second.image, "cpu")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "DALI could not decode truncated.jpg; decoding its micro-batch with Pillow" in messages
+    assert failed == 1 and images.shape == (3, 64, 64, 3)
+    third = next(batches)  # fed to the failed pipeline: decoded by a new one
+    assert dali.decode_batch(third.image, "cpu")[1] == 0
+    with pytest.raises(DataError, match="the shard x cannot be read"):  # after the batches before it
+        next(batches)
+    # a batch skipped over (never taken) that fails does not fail the one after it
+    batches = dali.ahead(loader_batches([bad, good]), "cpu")
+    skipped, kept = next(batches), next(batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say: the failed batch is never used
+        images, failed = dali.decode_batch(kept.image, "cpu")
+    assert failed == 0 and torch.equal(images, get_decoder("dali").decode_batch(Encoded.collate(good), "cpu")[0])

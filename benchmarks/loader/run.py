@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("data", help="a folder holding the data sets (see benchmarks/loader/photos.py)")
     p.add_argument("out")
     p.add_argument("--sets", nargs="+", default=list(BATCHES))
-    p.add_argument("--baseline", default="628764e", help="the commit to compare with (main before issue 21)")
+    p.add_argument("--baseline", default="628764e", help="the commit to compare with (default: the last one before reduced-scale decoding)")
     p.add_argument("--decoders", nargs="+", default=["scaled", "full"])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3)

@@ -10,7 +10,7 @@ A new source is one file: a class that satisfies `Source` with a `claims` and an
 classmethod, added to `fcmae.data.SOURCES`.
 """
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -116,7 +116,7 @@ class TrainSampler(Protocol):
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None: ...
 
-    def __iter__(self) -> Iterator[list]: ...
+    def __iter__(self) -> Iterator[Sequence]: ...  # a micro-batch: a list of keys, or a sequence like one
 
     def __len__(self) -> int: ...
 

@@ -98,6 +98,12 @@ class Images(torch.utils.data.Dataset):
             raise ConfigError(f"none of the first images of {self.source.where} is readable")
         return collate([readable[i % len(readable)] for i in range(count)])
 
+    def decode_ahead(self, batches, device):
+        """A loader's iterator of batches, wrapped by a decoder that decodes a micro-batch ahead of its
+        step (`ahead`: the dali decoder); unchanged for the others."""
+        ahead = getattr(self.decoder, "ahead", None)
+        return batches if ahead is None else ahead(batches, device)
+
     def prepare(self, batch, device, channels_last=False):
         """(the batch's images as the model takes them, on `device`; images skipped in the batch).
         uint8 images are converted and normalised there; an on-device decoder decodes first.

@@ -112,6 +112,9 @@ class WithMasks(torch.utils.data.Dataset):
         batch = self.dataset.stand_in_batch(count)
         return batch._replace(mask=torch.stack([self.mask((0, i)) for i in range(count)]))
 
+    def decode_ahead(self, batches, device):
+        return self.dataset.decode_ahead(batches, device)
+
     def mask(self, key):
         *_, epoch, position = key
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", epoch, position))

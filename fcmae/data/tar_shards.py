@@ -6,18 +6,45 @@
 pattern, a URL, a `pipe:` command), whose counts then come from an index.json beside them or,
 lacking one, from reading the shards once. Each process reads its own share of the shards: in
 epoch e the shard order is a permutation drawn from (seed, e), process r takes every world-th
-shard from r on, and reads each of its shards whole, in an order drawn from (seed, e, shard).
-So the data order is a function of (seed, epoch, position); a resumed run skips whole shards by
-their counts and the rest of a shard without decoding. The shards are read in the main process
-by threads, two ahead; the loader's workers decode and augment. A member that is not a readable
-image is replaced by the next good one of its micro-batch, with a warning, and counted.
+shard from r on, and takes every sample of each of its shards, in an order drawn from (seed, e,
+shard) over the shard's places in tar order. So the data order is a function of (seed, epoch,
+position), computed from the shards' counts alone; a resumed run skips whole shards by their
+counts, and the samples of a shard before its position, without reading them.
+
+Who reads what. The batch sampler runs in the main process and does no I/O: its keys name a
+sample by (shard, its place among the shard's samples in tar order), with the epoch and the
+position. The loader's workers turn a key into the image's bytes (ShardSource.record), each
+through a cache of its own (ShardTables), so that no micro-batch makes a worker read a whole
+shard again:
+- a local, uncompressed .tar file is scanned once per worker, headers only (tarfile, seeking past
+  the data; the small `cls` members are read), into a table of where each sample's image lies;
+  a key then costs one positioned read of that image's bytes. Each worker keeps the tables of
+  the last 32 shards it used (a few hundred bytes a sample) and one open file per table;
+- a URL, a `pipe:` command or a compressed tar cannot be read at an offset, so the worker that
+  first needs one of its samples reads it whole, with webdataset's tar iteration, and keeps its
+  bytes in memory: the last 2 shards it used, and the next one of its process's order, read
+  ahead by a thread. The cost of reading in the workers: W workers read (download) such a shard
+  W times instead of once, and each holds up to 3 shards in memory (about 3 x 100 MB for shards
+  of 1,000 ImageNet images); the main process, which launches the GPU's work, reads nothing.
+Both give the same samples: grouped as webdataset groups a tar's members (by key, in tar order),
+numbered by their keys. A member that is not a readable image is replaced by the next good one
+of its micro-batch, with a warning, and counted; so is a sample without an image file, and each
+place of a shard that ends early (read_shard). A shard that cannot be read when its
+turn comes raises DataError in the worker: that process keeps in step with the others on a
+stand-in until the next loss read-back, where all stop with one sentence (fcmae.training.engine).
 """
-import concurrent.futures
+import collections
+import collections.abc
+import contextlib
 import json
+import os
+import re
 import sys
 import tarfile
+import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -162,21 +189,88 @@ class Shards:
 
 # ----- reading ---------------------------------------------------------------------------------------
 
+SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members, which it skips
+COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: tarfile reads them, but not at an offset
+LOCAL_TABLES, REMOTE_SHARDS = 32, 2  # how many shards a worker keeps (see the module's text)
+
+
+def is_seekable(url):
+    """Whether `url` is a local, uncompressed tar file, whose members can be read at their offsets
+    (False when it cannot be opened: reading it whole then says why)."""
+    if is_remote(url):
+        return False
+    try:
+        with open(url, "rb") as f:
+            return not f.read(6).startswith(COMPRESSED)
+    except OSError:
+        return False
+
+
+def _local_members(f):
+    """(key, {extension: (offset, size)}) of the local tar file `f`, from its headers alone, in tar
+    order and grouped as webdataset groups a tar's members; raises where webdataset's reading of a
+    damaged file raises, after the samples it would have yielded."""
+    split = webdataset().tariterators.base_plus_ext
+    end = os.fstat(f.fileno()).st_size
+    current = None
+    for info in tarfile.open(fileobj=f, mode="r:"):  # seeks past each member's data
+        if not info.isreg() or info.name is None or SKIP_META.match(info.name):
+            continue
+        if info.offset_data + info.size > end:  # where webdataset's read of the member fails
+            raise tarfile.ReadError("unexpected end of data")
+        prefix, suffix = split(info.name)
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current[0]:
+            if current is not None:
+                yield current
+            current = (prefix, {})
+        if suffix in current[1]:
+            raise ValueError(f"{info.name}: duplicate file name in tar file")
+        current[1][suffix] = (info.offset_data, info.size)
+    if current is not None:
+        yield current
+
+
+def _streamed_members(url):
+    """(key, {extension: bytes}) of a shard read whole by webdataset (URLs, pipe: commands, compressed tars)."""
+    with webdataset().gopen(url) as stream:
+        for raw in _samples(stream, url):
+            yield raw["__key__"], {k: v for k, v in raw.items() if not k.startswith("__")}
+
+
+class Sample(NamedTuple):
+    """One sample of a shard: its index (the member's key when that is a number, else its place in
+    the shard), its image's extension and its class index (None when it has none), and the image:
+    its bytes, (offset, size) in the local tar file, or None (no image: read as unreadable)."""
+    index: int
+    ext: str | None
+    cls: int | None
+    image: bytes | tuple[int, int] | None
+
+
 def read_shard(url, expected):
-    """The samples of one shard as dicts (index, image bytes, extension, label or None), exactly
-    `expected` of them: a shard that ends early is filled up by repeating its last good sample
-    (marked, so the loader counts it as skipped). A shard that cannot be opened raises DataError."""
+    """The ShardTable of one shard: exactly `expected` samples, in tar order. A local uncompressed
+    tar file is read headers only (and its `cls` members): the images stay where they are; any
+    other shard is read whole. A shard that ends early is filled up with unreadable places that
+    repeat its first sample's index and class (the loader counts them as skipped). A shard that
+    cannot be opened raises DataError."""
+    local = is_seekable(url)
     samples = []
     try:
-        with webdataset().gopen(url) as stream:
-            for raw in _samples(stream, url):
-                ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-                key = raw["__key__"]
+        with open(url, "rb") if local else contextlib.nullcontext() as f:
+            for key, members in _local_members(f) if local else _streamed_members(url):
+                ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
                 if ext is None:
                     warnings.warn(f"member {key} of the shard {url} holds no image file; it counts as skipped",
                                   stacklevel=2)
-                samples.append({"index": int(key) if key.isdigit() else len(samples), "image": raw.get(ext),
-                                "ext": ext, "cls": int(raw["cls"]) if "cls" in raw else None})
+                cls = members.get("cls")
+                if local and cls is not None:
+                    f.seek(cls[0])
+                    cls = f.read(cls[1])
+                samples.append(Sample(int(key) if key.isdigit() else len(samples), ext,
+                                      None if cls is None else int(cls), members.get(ext)))
     except (OSError, EOFError, ValueError, tarfile.TarError) as err:
         if not samples:
             raise DataError(f"the shard {url} cannot be read ({type(err).__name__}: {err})") from None
@@ -184,14 +278,198 @@ def read_shard(url, expected):
                       f"({type(err).__name__}); the rest counts as skipped", stacklevel=2)
     if not samples:
         raise DataError(f"the shard {url} holds no images")
-    while len(samples) < expected:
-        samples.append({**samples[len(samples) % max(1, len(samples))], "image": None})
-    return samples[:expected]
+    samples += [samples[0]._replace(image=None)] * max(0, expected - len(samples))
+    return ShardTable(url, samples[:expected], local)
+
+
+class ShardTable:
+    """The samples of one shard (read_shard), and their images: in memory, or read from the local
+    tar file at their offsets through a file that this process opens once."""
+
+    def __init__(self, url, samples, local):
+        self.url, self.samples, self.local = url, samples, local
+        self.file = self.pid = None
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, place):
+        return self.samples[place]
+
+    def image(self, place):
+        """The image bytes of the sample at `place` (None: it has none); DataError when the shard's
+        file can no longer be read."""
+        image = self.samples[place].image
+        if image is None or not self.local:
+            return image
+        offset, size = image
+        try:
+            if self.pid != os.getpid():  # a file of this process's own, not one a forked worker inherited
+                self.file, self.pid = open(self.url, "rb"), os.getpid()
+            if hasattr(os, "pread"):  # no file position shared with anyone
+                return os.pread(self.file.fileno(), size, offset)
+            self.file.seek(offset)
+            return self.file.read(size)
+        except OSError as err:
+            raise DataError(f"the shard {self.url} cannot be read ({type(err).__name__}: {err})") from None
+
+    def close(self):
+        if self.file is not None and self.pid == os.getpid():
+            self.file.close()
+        self.file = self.pid = None
+
+
+class _Reading:
+    """One shard read whole: in a daemon thread once `start`ed (reading ahead), else by `result`."""
+
+    def __init__(self, url, count):
+        self.url, self.count = url, count
+        self.thread = self.table = self.error = None
+        self.done = False
+
+    def start(self):
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        return self
+
+    def _read(self):
+        try:
+            self.table = read_shard(self.url, self.count)
+        except Exception as err:  # noqa: BLE001 (raised in the thread that asks for the table)
+            self.error = err
+        self.done = True
+
+    def result(self):
+        if self.thread is not None:
+            self.thread.join()
+        elif not self.done:
+            self._read()
+        if self.error is not None:
+            raise self.error
+        return self.table
+
+
+class ShardTables:
+    """The shards one process (a loader worker) keeps (see the module's text): the tables of the
+    last LOCAL_TABLES local tar files it used; the last REMOTE_SHARDS shards read whole, and the
+    next one of its process's order, read ahead."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+        self.local, self.remote = collections.OrderedDict(), collections.OrderedDict()
+        self.seekable = {}
+
+    def is_seekable(self, url):
+        if url not in self.seekable:
+            self.seekable[url] = is_seekable(url)
+        return self.seekable[url]
+
+    def get(self, ref):
+        """The table of `ref`'s shard, read on first use."""
+        if self.pid != os.getpid():  # inherited by a forked worker: the parent's threads and files are not its own
+            self.__init__()
+        if ref.url in self.local:
+            self.local.move_to_end(ref.url)
+            return self.local[ref.url]
+        if self.is_seekable(ref.url):
+            table = self.local[ref.url] = read_shard(ref.url, ref.count)
+            while len(self.local) > LOCAL_TABLES:
+                self.local.popitem(last=False)[1].close()
+            return table
+        reading = self.remote.pop(ref.url, None) or _Reading(ref.url, ref.count)
+        self.remote[ref.url] = reading
+        if ref.next is not None and ref.next[0] not in self.remote and not self.is_seekable(ref.next[0]):
+            self.remote[ref.next[0]] = _Reading(*ref.next).start()
+        while len(self.remote) > REMOTE_SHARDS + 1:
+            self.remote.popitem(last=False)
+        return reading.result()
+
+
+TABLES = ShardTables()  # this process's; each loader worker has its own
+
+
+class ShardRef:
+    """A shard as keys name it: its number, URL and image count, and (URL, count) of the next shard
+    of its process's order (None for the last). Pickles as these five values. Its `table`, read on
+    first use and kept, is for callers outside the loader (tests, tools); the loader's workers read
+    through their own ShardTables."""
+    __slots__ = ("shard", "url", "count", "next", "_table")
+
+    def __init__(self, shard, url, count, next=None):
+        self.shard, self.url, self.count, self.next, self._table = shard, url, count, next, None
+
+    def __reduce__(self):
+        return ShardRef, (self.shard, self.url, self.count, self.next)
+
+    def table(self):
+        if self._table is None:
+            self._table = read_shard(self.url, self.count)
+        return self._table
+
+
+def shard_refs(shards, numbers):
+    """ShardRefs of shards `numbers` (in that order), each knowing the next."""
+    numbers = list(numbers)
+    nexts = [(shards.urls[s], shards.counts[s]) for s in numbers[1:]] + [None]
+    return [ShardRef(s, shards.urls[s], shards.counts[s], n) for s, n in zip(numbers, nexts)]
+
+
+class Member:
+    """A key's sample: its ShardRef and its place among the shard's samples in tar order; no bytes.
+    It also reads as a mapping of the sample's fields: `member["index"]` (or "ext", "cls", "image")
+    reads the shard through the ref (ShardRef.table) when first asked."""
+    __slots__ = ("ref", "place")
+
+    def __init__(self, ref, place):
+        self.ref, self.place = ref, place
+
+    def __reduce__(self):
+        return Member, (self.ref, self.place)
+
+    def __iter__(self):
+        return iter((self.ref, self.place))
+
+    def __getitem__(self, field):
+        table = self.ref.table()
+        return table.image(self.place) if field == "image" else getattr(table[self.place], field)
+
+    def __repr__(self):
+        return f"Member(shard {self.ref.shard}, place {self.place})"
+
+
+class ShardKeys(collections.abc.Sequence):
+    """A micro-batch of (Member, epoch, position) keys, held as plain lists (each sample's ShardRef,
+    place and position) and pickled as them: sending a micro-batch to a worker costs the main
+    process about what a folder's (index, epoch, position) keys cost. The keys are made when read."""
+    __slots__ = ("refs", "places", "epoch", "positions")
+
+    def __init__(self, refs, places, epoch, positions):
+        self.refs, self.places, self.epoch, self.positions = refs, places, epoch, positions
+
+    def __reduce__(self):
+        return ShardKeys, (self.refs, self.places, self.epoch, self.positions)
+
+    def __len__(self):
+        return len(self.places)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return ShardKeys(self.refs[i], self.places[i], self.epoch, self.positions[i])
+        return Member(self.refs[i], self.places[i]), self.epoch, self.positions[i]
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((Member(ref, place), epoch, position)
+                for ref, place, position in zip(self.refs, self.places, self.positions))
+
+    def __repr__(self):
+        return f"ShardKeys({list(self)!r})"
 
 
 class ShardBatchSampler:
-    """Micro-batches of (sample, epoch, position) keys for one process, from optimiser step
+    """Micro-batches (ShardKeys) of (Member, epoch, position) keys for one process, from optimiser step
     `start_step` on; the counterpart of data.StepBatchSampler for shards (see the module's text).
+    It reads nothing: the order comes from the shards' counts.
 
     Every process runs the same number of steps: those its smallest possible share of shards
     holds (the rest of a larger share is dropped, like the incomplete last batch of a folder)."""
@@ -224,28 +502,24 @@ class ShardBatchSampler:
             if position + count > first and position < last:
                 plan.append((shard, position))
             position += count
-        batch = []
-        with concurrent.futures.ThreadPoolExecutor(2) as reader:  # reading runs two shards ahead
-            ahead = [reader.submit(read_shard, self.shards.urls[s], self.shards.counts[s]) for s, _ in plan[:2]]
-            for i, (shard, start) in enumerate(plan):
-                samples = ahead.pop(0).result()
-                if i + 2 < len(plan):
-                    s = plan[i + 2][0]
-                    ahead.append(reader.submit(read_shard, self.shards.urls[s], self.shards.counts[s]))
-                order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(
-                    derive_seed(self.seed, "shard", epoch, shard))).tolist()
-                for offset, j in enumerate(order):
-                    q = start + offset
-                    if first <= q < last:
-                        batch.append((samples[j], epoch, q * self.num_processes + self.rank))
-                        if len(batch) == self.batch_size:
-                            yield batch
-                            batch = []
+        refs, places, positions = [], [], []
+        for ref, (shard, start) in zip(shard_refs(self.shards, [s for s, _ in plan]), plan):
+            order = torch.randperm(ref.count, generator=torch.Generator().manual_seed(
+                derive_seed(self.seed, "shard", epoch, shard))).tolist()
+            for offset, place in enumerate(order):
+                q = start + offset
+                if first <= q < last:
+                    refs.append(ref)
+                    places.append(place)
+                    positions.append(q * self.num_processes + self.rank)
+                    if len(places) == self.batch_size:
+                        yield ShardKeys(refs, places, epoch, positions)
+                        refs, places, positions = [], [], []
 
 
 class ShardSource:
-    """The source of shards (see the module's text): keys are (sample, epoch, position), the
-    sample read by the sampler in the main process, its image bytes included."""
+    """The source of shards (see the module's text): keys are (Member, epoch, position); the
+    loader's workers read the member (record)."""
     kind = "shards"
 
     def __init__(self, shards, labelled=False):
@@ -268,13 +542,18 @@ class ShardSource:
         return self.shards.images
 
     def record(self, key):
-        sample = key[0]
-        label = sample["cls"] if self.labelled else None
+        """The sample a key names, its image bytes read (by this process's ShardTables)."""
+        member = key[0]
+        return self._record(TABLES.get(member.ref), member.place)
+
+    def _record(self, table, place):
+        sample = table[place]
+        label = sample.cls if self.labelled else None
         if label is not None and self.label_map is not None:
             label = self.label_map[label]
-        name = f"member {sample['index']:09d} of the shards of {self.where}"
+        name = f"member {sample.index:09d} of the shards of {self.where}"
         # a member without an image, or the filling of a shard that ended early: unreadable
-        return Record(sample["index"], label, name, data=sample["image"] or b"")
+        return Record(sample.index, label, name, data=table.image(place) or b"")
 
     def stand_ins(self, record):
         return ()  # a stream: only the other members of the micro-batch can stand in
@@ -289,9 +568,17 @@ class ShardSource:
         self.label_map = list(mapping)
 
     def first_records(self):
-        """The records of the first shard."""
-        samples = read_shard(self.shards.urls[0], self.shards.counts[0])
-        return (self.record((sample, 0, 0)) for sample in samples)
+        """The records of the shards in index order, the ones that cannot be read skipped."""
+        for url, count in zip(self.shards.urls, self.shards.counts):
+            try:
+                table = read_shard(url, count)
+            except DataError:
+                continue
+            try:
+                for place in range(len(table)):
+                    yield self._record(table, place)
+            finally:
+                table.close()
 
     def evaluation_batches(self, rank, world, batch_size):
         """This process's share for an exact evaluation: its shards (every world-th, in index
@@ -300,21 +587,23 @@ class ShardSource:
 
 
 class EvaluationBatches:
-    """Batches of (sample, 0, position) keys over a process's shards, in order, nothing dropped."""
+    """Batches of (Member, 0, 0) keys over a process's shards, in order, nothing dropped; like the
+    training sampler, it reads nothing (the loader's workers do)."""
 
     def __init__(self, shards, rank, world, batch_size):
         self.shards, self.mine, self.batch_size = shards, list(range(len(shards.urls)))[rank::world], batch_size
 
     def __iter__(self):
-        batch = []
-        for shard in self.mine:
-            for sample in read_shard(self.shards.urls[shard], self.shards.counts[shard]):
-                batch.append((sample, 0, 0))
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
+        refs, places = [], []
+        for ref in shard_refs(self.shards, self.mine):
+            for place in range(ref.count):
+                refs.append(ref)
+                places.append(place)
+                if len(places) == self.batch_size:
+                    yield ShardKeys(refs, places, 0, [0] * len(places))
+                    refs, places = [], []
+        if places:
+            yield ShardKeys(refs, places, 0, [0] * len(places))
 
     def __len__(self):
         return -(-sum(self.shards.counts[s] for s in self.mine) // self.batch_size)

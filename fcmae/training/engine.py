@@ -442,6 +442,8 @@ class Run:
         read-back, where every process learns of it and all stop at the same step, before anything
         is saved (see read_losses)."""
         batches, last = iter(loader), None
+        if hasattr(dataset, "decode_ahead"):  # a decoder in this process (dali) starts each batch a step ahead
+            batches = dataset.decode_ahead(batches, self.device)
         while True:
             try:
                 batch = next(batches)
@@ -543,7 +545,7 @@ class Run:
         sentence = f"error: {problem}; stopping. The last good checkpoint is {last or 'none'}; {advice}, then resume " \
                    "from it."
         if everyone:
-            print(sentence, file=sys.stderr, flush=True)
+            print(sentence, flush=True)  # where the main process says its own (accelerator.print)
         else:
             self.say(sentence)
         self.accelerator.end_training()
