@@ -16,10 +16,11 @@ from torchvision.utils import save_image
 
 import fcmae
 from fcmae.config import (
-    COUNT, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool, usage_errors,
+    COUNT, POSITIVE, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool, usage_errors,
 )
 from fcmae.data import (
-    PretrainTransform, Selection, WithMasks, get_decoder, normalization, open_images, view_transform,
+    PretrainTransform, Selection, WithMasks, get_decoder, held_out_images, knn_images, normalization, open_images,
+    view_transform,
 )
 from fcmae.models import (
     BACKEND_CHOICES, BACKENDS, ENCODER_STRIDE, num_visible_patches, resolve_backend,
@@ -27,8 +28,9 @@ from fcmae.models import (
 from fcmae.optim import pretraining_optimizer
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
 from fcmae.training.engine import Run, trainable_parameters
+from fcmae.training.monitors import KnnMonitor, Monitors
 from fcmae.training.waits import designed_wait
-from fcmae.visualize import picture_masks, reconstruction_grid
+from fcmae.visualize import draw_curves, picture_masks, read_log, reconstruction_grid
 from fcmae.weights import export, load_into
 
 # Settings for a plain `python pretrain.py` (no --data_path): a few minutes on a laptop CPU.
@@ -77,6 +79,26 @@ def get_args_parser():
     groups["checkpoints"].add_argument("--vis_every", default=0, type=COUNT,
                                        help="a reconstruction picture every N optimiser steps too (0: only at "
                                             "the end of each epoch)")
+
+    g = p.add_argument_group("monitors: is pretraining working? (logged to log.txt, metrics.json, the tracker and "
+                             "output_dir/curves.png)")
+    g.add_argument("--eval_data_path", default=None,
+                   help="held-out images (any source --data_path takes): their reconstruction loss, with fixed views "
+                        "and masks, every --eval_freq epochs and at the end; the pictures show them")
+    g.add_argument("--eval_split", default=None, type=split_list,
+                   help="a Hugging Face --data_path's split(s) to hold out instead (e.g. validation)")
+    g.add_argument("--eval_freq", default=1, type=POSITIVE_INT, help="the held-out loss every N epochs")
+    g.add_argument("--knn_train_path", default=None,
+                   help="labelled images (class folders, labelled shards, a Hugging Face dataset or split): the bank "
+                        "of an online weighted k-NN classifier on the encoder's pooled features")
+    g.add_argument("--knn_eval_path", default=None, help="labelled images the k-NN classifier is scored on")
+    g.add_argument("--knn_every", default=1, type=POSITIVE_INT, help="the k-NN accuracy every N epochs")
+    g.add_argument("--knn_k", default=20, type=POSITIVE_INT, help="neighbours that vote")
+    g.add_argument("--knn_temperature", default=0.07, type=POSITIVE, help="the votes' weight is exp(similarity / T)")
+    g.add_argument("--knn_max_images", default=None, type=POSITIVE_INT,
+                   help="at most this many bank images, a seeded class-balanced sample (folders, Hugging Face)")
+    g.add_argument("--label_column", default=None,
+                   help="Hugging Face k-NN data: the column of class labels (default: the one ClassLabel column)")
     return p
 
 
@@ -157,10 +179,15 @@ def main(argv=None):
         images = open_images(args.data_path, PretrainTransform(args.input_size, args.in_chans), seed=args.seed,
                              repeats=args.repeats, decoder=get_decoder(args.decoder),
                              selection=Selection(args.data_splits, args.image_column))
-        shown = images.pictures(8)  # the pictures' images; a sentence when none can be read
+        held_out, knn = held_out_images(args), knn_images(args)  # the monitors' data, or None
+        shown = (held_out or images).pictures(8)  # the pictures' images; a sentence when none can be read
         run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
         num_patches = (args.input_size // ENCODER_STRIDE) ** 2
         dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
+        monitors = Monitors(
+            run, None if held_out is None else WithMasks(held_out, num_patches, args.mask_ratio, args.seed, held_out=True),
+            None if knn is None else KnnMonitor(*knn, args.knn_k, args.knn_temperature),
+            num_visible_patches(num_patches, args.mask_ratio), args.eval_freq, args.knn_every)
         schedule = run.plan(dataset, args.warmup_epochs)
         set_seed(args.seed)  # the initial weights; data, crops and masks have seeds of their own
         model = fcmae.create_model(
@@ -186,10 +213,19 @@ def main(argv=None):
         if args.vis_every and run.state.global_step % args.vis_every == 0:
             pictures.save(f"step_{run.state.global_step:08d}")
 
+    def end_epoch(epoch):
+        pictures.save(f"epoch_{epoch:04d}")
+        return monitors(unwrapped, epoch, last=epoch + 1 == schedule.epochs)
+
+    def logged(record):  # curves.png redrawn from log.txt after each of its lines
+        if run.out and run.main_process:
+            draw_curves({run.out.name: read_log(run.out / "log.txt")}, run.out / "curves.png")
+
     if run.state.global_step == 0:
         pictures.save("step_00000000")  # the untrained model, to compare the later pictures with
-    run.fit(model, optimizer, dataset, schedule, micro_step, after_step=after_step,
-            end_epoch=lambda epoch: pictures.save(f"epoch_{epoch:04d}"))
+    run.fit(model, optimizer, dataset, schedule, micro_step, after_step=after_step, end_epoch=end_epoch,
+            logged=logged)
+    monitors.at_end(unwrapped)
     run.check_replicas(unwrapped)
     out = run.out
     if out and run.main_process:

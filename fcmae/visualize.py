@@ -1,4 +1,8 @@
-"""Pictures of what the model sees and reconstructs."""
+"""Pictures of what the model sees and reconstructs, and of how a run goes (its curves)."""
+import json
+import math
+from pathlib import Path
+
 import torch
 from torchvision.utils import make_grid
 
@@ -35,3 +39,43 @@ def reconstruction_grid(model, imgs, mask, mean, std, num_visible=None):
     if rows.shape[1] == 1:
         rows = rows.expand(-1, 3, -1, -1)
     return make_grid(rows.cpu(), nrow=3, padding=2, pad_value=1.0)
+
+
+# the curves of a run's log.txt: (its key, the panel's title)
+CURVES = (("train_loss", "training loss"), ("held_out_loss", "held-out loss"), ("knn_top1", "k-NN top-1 (%)"))
+
+
+def read_log(path):
+    """The records of a run's log.txt (one JSON object a line)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def draw_curves(runs, path):
+    """One PNG of the training loss, the held-out loss and the k-NN top-1 against epochs, for one
+    run or several ({name: log records}); a curve a run does not have is left out. Written whole,
+    then renamed."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4), constrained_layout=True)
+    for axis, (key, title) in zip(axes, CURVES):
+        for name, records in runs.items():
+            # x: the epochs done (a run that stopped inside an epoch logs how far it got as partial_epoch)
+            points = [(r.get("partial_epoch") or r["epoch"] + 1, r[key]) for r in records
+                      if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+            if points:
+                axis.plot(*zip(*points), marker="o", markersize=3, label=name)
+        axis.set_title(title)
+        axis.set_xlabel("epochs")
+        axis.grid(alpha=0.3)
+        if not axis.lines:
+            axis.text(0.5, 0.5, "not measured", ha="center", va="center", transform=axis.transAxes, color="grey")
+    if len(runs) > 1:
+        axes[0].legend(fontsize="small")
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    figure.savefig(partial, dpi=100, format="png")
+    pyplot.close(figure)
+    partial.replace(path)
+    return path

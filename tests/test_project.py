@@ -179,12 +179,12 @@ def test_no_two_modules_share_a_name():
     """A name says which module is meant (the commands' five-line `python -m` entries excepted:
     they only name the command in fcmae/cli they run)."""
     names = [p.name for p in (ROOT / "fcmae").rglob("*.py") if p.name != "__init__.py"]
-    entries = {"export.py", "shards.py", "shrink.py", "reconstruct.py", "bench.py"}
+    entries = {"export.py", "shards.py", "shrink.py", "reconstruct.py", "bench.py", "curves.py"}
     assert all((ROOT / "fcmae" / name).stat().st_size < 300 for name in entries)  # an entry, not code
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 
 
-@pytest.mark.parametrize("name", ["export", "shards", "shrink", "reconstruct", "bench"])
+@pytest.mark.parametrize("name", ["export", "shards", "shrink", "reconstruct", "bench", "curves"])
 def test_each_command_runs_as_a_module_and_as_a_console_script(name, monkeypatch, capsys):
     # `python -m fcmae.<name>` is runpy's run_module as __main__, done here in this process
     monkeypatch.setattr(sys, "argv", [f"fcmae/{name}.py", "--help"])

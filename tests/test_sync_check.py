@@ -15,14 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_training_scripts_never_wait_for_the_device():
-    """As a user runs it: pretrain.py (2 micro-steps a step) and finetune.py (Mixup/CutMix, EMA,
-    clipping, an evaluation of the model and the EMA weights) on the stand-in."""
+    """As a user runs it: pretrain.py (2 micro-steps a step, the held-out loss, the k-NN monitor) and
+    finetune.py (Mixup/CutMix, EMA, clipping, an evaluation of the model and the EMA weights) on
+    the stand-in."""
     result = subprocess.run([sys.executable, "-m", "fcmae.bench", "--sync_check"], cwd=ROOT, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("no host synchronisation in 12 steps (6 optimiser steps, 6 evaluation batches)"), last
-    for designed in ("loss read-back", "checkpoint", "evaluation totals", "reconstruction picture"):
+    assert last.startswith("no host synchronisation in 6 steps and 16 batches (2 held-out, 8 k-NN, 6 evaluation)"), last
+    for designed in ("loss read-back", "checkpoint", "evaluation totals", "reconstruction picture", "held-out totals",
+                     "k-NN totals"):
         assert designed in last  # counted apart, not hidden
 
 
@@ -52,7 +54,7 @@ def test_a_wait_placed_in_a_step_is_found_and_its_line_named(tmp_path, capsys):
     assert f"{pretrain}:{pretrain_line} in micro_step: torch.tensor(..., device=...) copies" in found[1]
     assert f"{finetune}:{finetune_line} in micro_step: reads a device value on the host" in found[2]
     assert all("(in an optimiser step, 6 times)" in line for line in found)  # 3 steps of 2 micro-steps
-    assert said[-1].startswith("3 host synchronisation(s) found in 6 optimiser steps, 6 evaluation batches")
+    assert said[-1].startswith("3 host synchronisation(s) found in 6 optimiser steps, 2 held-out batches")
 
 
 def test_a_missing_script_is_one_sentence(tmp_path, capsys):

@@ -9,7 +9,7 @@
 - `transforms`: the augmentations, drawn before decoding, and the normalisation on the device;
 - `images`: a source, a transform and a decoder as a torch dataset;
 - `sampling`: the seeds of every random stream, the sampler of random-access sources, the masks;
-- `splits`: fine-tuning's training and evaluation data; `mixup`: Mixup/CutMix on the device;
+- `splits`: fine-tuning's training and evaluation data, pretraining's monitors' data; `mixup`: Mixup/CutMix on the device;
   `conversion`: writing shards and shrunk copies of folders; `shrinking`: re-encoding one large
   image at a smaller size.
 """
@@ -25,7 +25,7 @@ from fcmae.data.mixup import Mixup
 from fcmae.data.registry import SOURCES, open_images, open_source, source_class
 from fcmae.data.sampling import STREAMS, StepBatchSampler, WithMasks, derive_seed, seeded, share
 from fcmae.data.tar_shards import Shards, ShardBatchSampler, ShardSource, is_shard_source
-from fcmae.data.splits import finetune_datasets
+from fcmae.data.splits import finetune_datasets, held_out_images, knn_images
 from fcmae.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, EvalTransform, FinetuneTransform, PretrainTransform, eval_transform, mean_std,
     normalization, to_device, view_transform,
@@ -38,7 +38,7 @@ __all__ = [
     "FolderSource", "class_folders", "find_images", "sample_photographs", "HuggingFaceSource", "holds_splits",
     "is_hugging_face", "parse_splits", "Images", "IndexedSource", "Mixup", "SOURCES", "open_images", "open_source",
     "source_class", "STREAMS", "StepBatchSampler", "WithMasks", "derive_seed", "seeded", "share", "Shards",
-    "ShardBatchSampler", "ShardSource", "is_shard_source", "finetune_datasets", "IMAGENET_MEAN", "IMAGENET_STD",
+    "ShardBatchSampler", "ShardSource", "is_shard_source", "finetune_datasets", "held_out_images", "knn_images", "IMAGENET_MEAN", "IMAGENET_STD",
     "EvalTransform", "FinetuneTransform", "PretrainTransform", "eval_transform", "mean_std", "normalization",
     "to_device", "view_transform", "write_shards",
 ]

@@ -80,12 +80,15 @@ class Item(NamedTuple):
         fcmae.data.decoders); fcmae.data.transforms.to_device makes all of them the model's input;
     label: the class index, -1 when unlabelled (a LongTensor in a batch);
     skipped: how many unreadable images this one stands in for (0 or more);
-    mask: the patch mask (L,) of pretraining (None elsewhere).
+    mask: the patch mask (L,) of pretraining (None elsewhere);
+    index: the seed index of the image it is (or stands in for), which seeds its augmentation and
+        a held-out mask (-1 when unknown; a LongTensor in a batch).
     """
     image: Any
     label: Any = -1
     skipped: Any = 0
     mask: Any = None
+    index: Any = -1
 
 
 def collate(items):
@@ -102,6 +105,7 @@ def collate(items):
         torch.tensor([item.label for item in items], dtype=torch.long),
         torch.tensor([item.skipped for item in items], dtype=torch.long),
         None if first.mask is None else torch.stack([item.mask for item in items]),
+        torch.tensor([item.index for item in items], dtype=torch.long),
     )
 
 

@@ -61,7 +61,7 @@ class FolderSource(IndexedSource):
     kind = "image files"
 
     def __init__(self, files, labels=None, classes=None, where="", repeats=1):
-        self.files, self.labels, self.classes, self.where = list(files), labels, classes, where
+        self.files, self.file_labels, self.classes, self.where = list(files), labels, classes, where
         self.repeats = repeats
 
     @classmethod
@@ -81,8 +81,13 @@ class FolderSource(IndexedSource):
         return len(self.files)
 
     def image_record(self, index):
-        label = None if self.labels is None else self.labels[index]
+        label = None if self.file_labels is None else self.file_labels[index]
         return Record(index, label, self.files[index], path=self.files[index])
+
+    def labels(self):
+        if self.file_labels is None:
+            return [None] * self.count
+        return self.file_labels if self.label_map is None else [self.label_map[label] for label in self.file_labels]
 
 
 def class_folders(root, flag="--data_path"):

@@ -185,6 +185,13 @@ class Part:
     def __len__(self):
         return len(self.dataset)
 
+    def labels(self):
+        """Every row's class index (None when unlabelled), from the label column alone."""
+        if self.label is None:
+            return [None] * len(self)
+        values = self.dataset.select_columns([self.label]).with_format("arrow")[:][self.label].to_pylist()
+        return values if self.class_index is None else [self.class_index[v] for v in values]
+
     def record(self, row, seed_index):
         values = self.dataset[row]
         image = values[self.image]
@@ -244,6 +251,10 @@ class HuggingFaceSource(IndexedSource):
     @property
     def count(self):
         return self.offsets[-1]
+
+    def labels(self):
+        labels = [label for part in self.parts for label in part.labels()]
+        return labels if self.label_map is None or labels[:1] == [None] else [self.label_map[i] for i in labels]
 
     def image_record(self, index):
         p = bisect.bisect_right(self.offsets, index) - 1

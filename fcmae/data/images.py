@@ -71,7 +71,7 @@ class Images(torch.utils.data.Dataset):
             else:
                 raise DataError(f"no image of a micro-batch of {len(keys)} from {self.source.where} is readable, "
                                 f"nor any that could stand in for them")
-            items.append(Item(image, -1 if record.label is None else record.label, skipped))
+            items.append(Item(image, -1 if record.label is None else record.label, skipped, index=seed_index))
         return items
 
     def candidates(self, records, i):
@@ -91,7 +91,7 @@ class Images(torch.utils.data.Dataset):
         for record in itertools.islice(self.source.first_records(), 4 * count):
             image = self.load(record, record.seed_index, 0)
             if image is not None:
-                readable.append(Item(image, -1 if record.label is None else record.label))
+                readable.append(Item(image, -1 if record.label is None else record.label, index=record.seed_index))
             if len(readable) == count:
                 break
         if not readable:

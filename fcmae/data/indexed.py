@@ -21,6 +21,11 @@ class IndexedSource:
         """The Record of image `index` < count."""
         raise NotImplementedError
 
+    def labels(self):
+        """Every image's class index (None when unlabelled), without reading the images; subclasses
+        that can, read them faster."""
+        return [self._record(i).label for i in range(self.count)]
+
     def __len__(self):
         return self.count * self.repeats
 
@@ -51,3 +56,19 @@ class IndexedSource:
 
     def relabel(self, mapping):
         self.label_map = list(mapping) if self.label_map is None else [mapping[i] for i in self.label_map]
+
+
+class Subset(IndexedSource):
+    """Some of a random-access source's images, `indices` in that order (a k-NN bank's sample)."""
+
+    def __init__(self, source, indices):
+        self.base, self.indices = source, list(indices)
+        self.kind, self.classes = source.kind, source.classes
+        self.where = f"{len(self.indices)} images of {source.where}"
+
+    @property
+    def count(self):
+        return len(self.indices)
+
+    def image_record(self, index):
+        return self.base._record(self.indices[index])

@@ -9,7 +9,7 @@ import torch
 from fcmae.models import random_patch_mask
 
 # The streams of random numbers a run draws; each is seeded by derive_seed(seed, stream, keys...).
-STREAMS = {"order": 1, "sample": 2, "mask": 3, "step": 4, "pictures": 5, "shard": 6}
+STREAMS = {"order": 1, "sample": 2, "mask": 3, "step": 4, "pictures": 5, "shard": 6, "held_out": 7, "knn": 8}
 
 
 def derive_seed(seed, stream, *keys):
@@ -92,17 +92,26 @@ class StepBatchSampler(torch.utils.data.Sampler):
 class WithMasks(torch.utils.data.Dataset):
     """A dataset's items (fcmae.data.images.Images), each with a random patch mask (L,) drawn from
     (seed, epoch, position): a sample at a given place of an epoch gets the same mask on any
-    number of processes, with any accumulation, before and after a resume. Masks are drawn in the
-    loader's workers."""
+    number of processes, with any accumulation, before and after a resume. With `held_out`, the
+    mask is drawn from (seed, the image's index) instead: the same at every evaluation, whatever
+    the batches (pretraining's held-out loss). Masks are drawn in the loader's workers."""
 
-    def __init__(self, dataset, num_patches, mask_ratio, seed):
+    def __init__(self, dataset, num_patches, mask_ratio, seed, held_out=False):
         self.dataset, self.num_patches, self.mask_ratio, self.seed = dataset, num_patches, mask_ratio, seed
+        self.held_out = held_out
 
     def __len__(self):
         return len(self.dataset)
 
+    @property
+    def source(self):
+        return self.dataset.source
+
     def batch_sampler(self, *args, **kwargs):
         return self.dataset.batch_sampler(*args, **kwargs)
+
+    def evaluation_batches(self, rank, world, batch_size):
+        return self.dataset.evaluation_batches(rank, world, batch_size)
 
     def prepare(self, batch, device, channels_last=False):
         return self.dataset.prepare(batch, device, channels_last)
@@ -115,14 +124,32 @@ class WithMasks(torch.utils.data.Dataset):
     def decode_ahead(self, batches, device):
         return self.dataset.decode_ahead(batches, device)
 
-    def mask(self, key):
+    def mask(self, key, index=-1):
+        """The mask of the sample a key names (or, held out, of the image of seed index `index`)."""
         *_, epoch, position = key
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "mask", epoch, position))
-        return random_patch_mask(1, self.num_patches, self.mask_ratio, generator=generator)[0]
+        seed = derive_seed(self.seed, "held_out", index) if self.held_out else \
+            derive_seed(self.seed, "mask", epoch, position)
+        return random_patch_mask(1, self.num_patches, self.mask_ratio, generator=torch.Generator().manual_seed(seed))[0]
 
     def __getitems__(self, keys):
         items = self.dataset.__getitems__(keys)  # a whole micro-batch: bad images are replaced within it
-        return [item._replace(mask=self.mask(key)) for item, key in zip(items, keys)]
+        return [item._replace(mask=self.mask(key, item.index)) for item, key in zip(items, keys)]
 
     def __getitem__(self, key):
         return self.__getitems__([key])[0]
+
+
+def balanced_subset(labels, count, seed):
+    """Indices of a seeded subset of `count` of the items with `labels`, as balanced over the
+    classes as they allow (every class gets count // classes, the remainder to the first
+    classes that still have images), in index order."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "knn"))
+    by_class = {}
+    for index in torch.randperm(len(labels), generator=generator).tolist():
+        by_class.setdefault(labels[index], []).append(index)
+    chosen, classes = [], sorted(by_class)
+    while len(chosen) < min(count, len(labels)):
+        for label in classes:
+            if by_class[label] and len(chosen) < count:
+                chosen.append(by_class[label].pop())
+    return sorted(chosen)

@@ -1,13 +1,17 @@
-"""Fine-tuning's data: the training and evaluation splits that --data_set and --data_path name,
-with their transforms, and class indices that agree between them."""
+"""The data besides pretraining's own: fine-tuning's training and evaluation splits (--data_set,
+--data_path), and pretraining's monitors' held-out and k-NN images; with their transforms, and
+class indices that agree between the parts."""
 from pathlib import Path
 
 from fcmae.config import ConfigError
 from fcmae.data.contract import Selection
 from fcmae.data.decoders import get_decoder
 from fcmae.data.hugging_face import holds_splits, is_hugging_face
+from fcmae.data.images import Images
+from fcmae.data.indexed import IndexedSource, Subset
 from fcmae.data.registry import open_images
-from fcmae.data.transforms import EvalTransform, FinetuneTransform, mean_std
+from fcmae.data.sampling import balanced_subset
+from fcmae.data.transforms import EvalTransform, FinetuneTransform, mean_std, normalization
 
 
 def selection(args, splits):
@@ -82,14 +86,68 @@ def finetune_datasets(args):
         transform = EvalTransform(args.input_size, mean, std, args.crop_pct, args.in_chans)
         evaluation = open_images(eval_root, transform, args.seed, decoder=decoder, labelled=True, flag=flag,
                                  selection=eval_selection)
-        eval_classes = evaluation.classes
         if classes is None:
-            classes = eval_classes
+            classes = evaluation.classes
             check_class_count(eval_root, classes, args.nb_classes)
-        unknown = sorted(set(eval_classes) - set(classes))
-        if unknown:
-            raise ConfigError(f"{eval_root} has classes the training data lacks: {', '.join(unknown[:5])}")
-        index = {name: i for i, name in enumerate(classes)}  # evaluation labels by class name
-        evaluation.relabel([index[name] for name in eval_classes])
+        label_by_name(evaluation, classes, f"{eval_root} has classes the training data lacks")
     return train, evaluation, classes
+
+
+def label_by_name(dataset, classes, problem):
+    """Renumber `dataset`'s labels to `classes` by class name; ConfigError ("<problem>: names")
+    when it has classes that `classes` lacks."""
+    unknown = sorted(set(dataset.classes) - set(classes))
+    if unknown:
+        raise ConfigError(f"{problem}: {', '.join(unknown[:5])}")
+    index = {name: i for i, name in enumerate(classes)}
+    dataset.relabel([index[name] for name in dataset.classes])
+
+
+def monitor_view(args):
+    """The monitors' fixed view of an image (resize, centre crop: the evaluation's) and its decoder
+    (decoded in the loader's workers: `scaled` where pretraining decodes with dali)."""
+    mean, std = normalization(args.in_chans)
+    decoder = get_decoder("scaled" if args.decoder == "dali" else args.decoder)
+    return EvalTransform(args.input_size, mean, std, in_chans=args.in_chans), decoder
+
+
+def held_out_images(args):
+    """pretrain.py's held-out images (--eval_data_path, or the --eval_split of a Hugging Face
+    --data_path) in the monitors' view, or None when there are none."""
+    if args.eval_data_path is None and args.eval_split is None:
+        return None
+    if args.eval_data_path is None and not (args.data_path and holds_splits(args.data_path)):
+        raise ConfigError(f"--eval_split {'+'.join(args.eval_split)} names a split of a Hugging Face dataset with "
+                          "splits, and --data_path is none; give the held-out images with --eval_data_path instead")
+    root, flag = (args.eval_data_path, "--eval_data_path") if args.eval_data_path else (args.data_path, "--data_path")
+    splits = args.eval_split or (("validation",) if holds_splits(root) else None)
+    transform, decoder = monitor_view(args)
+    return open_images(root, transform, args.seed, decoder=decoder, flag=flag,
+                       selection=Selection(splits, args.image_column))
+
+
+def knn_images(args):
+    """(bank, queries): the k-NN monitor's labelled images (--knn_train_path, --knn_eval_path) in
+    the monitors' view, the queries' labels renumbered to the bank's classes by name, the bank cut
+    to a seeded, class-balanced --knn_max_images; None without --knn_train_path."""
+    if args.knn_train_path is None and args.knn_eval_path is None:
+        return None
+    if args.knn_train_path is None or args.knn_eval_path is None:
+        raise ConfigError("the k-NN monitor needs both --knn_train_path (the labelled bank) and --knn_eval_path "
+                          "(the labelled queries)")
+    transform, decoder = monitor_view(args)
+    parts = []
+    for path, flag in ((args.knn_train_path, "--knn_train_path"), (args.knn_eval_path, "--knn_eval_path")):
+        parts.append(open_images(path, transform, args.seed, decoder=decoder, labelled=True, flag=flag,
+                                 selection=Selection(None, args.image_column, args.label_column)))
+    bank, queries = parts
+    if args.knn_max_images is not None and args.knn_max_images < len(bank):
+        if not isinstance(bank.source, IndexedSource):
+            raise ConfigError(f"--knn_max_images picks images of the bank at random, which {bank.source.kind} "
+                              "cannot give; write a smaller bank (fewer shards) instead")
+        chosen = balanced_subset(bank.source.labels(), args.knn_max_images, args.seed)
+        bank = Images(Subset(bank.source, chosen), bank.transform, bank.decoder, bank.seed)
+    label_by_name(queries, bank.classes, f"--knn_eval_path {args.knn_eval_path} has classes the k-NN bank "
+                                         f"--knn_train_path {args.knn_train_path} lacks, which it could never name")
+    return bank, queries
 

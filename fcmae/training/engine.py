@@ -127,6 +127,7 @@ class Run:
         self.tic, self.timed_from, self.images_per_s = time.perf_counter(), 0, 0.0
         self.evaluation_loaders = {}  # id(dataset) -> DataLoader
         self.data_error = None  # this process's unreadable data (one sentence), until all processes stop
+        self.logged = None  # called after each log.txt line (see fit)
 
     @property
     def device(self):
@@ -323,6 +324,8 @@ class Run:
         if self.out and self.main_process:
             with open(self.out / "log.txt", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.logged is not None:
+                self.logged(record)
 
     def checkpoint(self, epoch=None, progress=None):
         """Save the run (every process must call this), once per step at most, after reading back
@@ -356,14 +359,15 @@ class Run:
             self.evaluation_loaders[id(dataset)] = self.loader(dataset, batches)
         return self.evaluation_loaders[id(dataset)]
 
-    def fit(self, model, optimizer, dataset, schedule, micro_step, train_mode=None, after_step=None, end_epoch=None):
+    def fit(self, model, optimizer, dataset, schedule, micro_step, train_mode=None, after_step=None, end_epoch=None,
+            logged=None):
         """Train from where `self.state` stands to `schedule.last_step`.
 
         micro_step(batch) -> (loss, files skipped) runs the forward pass of one micro-batch; the
         backward pass, accumulation, clipping and the optimiser step happen here. after_step()
         runs after every optimiser step, end_epoch(epoch) after every complete epoch and returns
-        entries for its log line. train_mode() puts the model in training mode (default
-        model.train()).
+        entries for its log line; logged(record) after each log.txt line is written. train_mode()
+        puts the model in training mode (default model.train()).
 
         The host reads the losses back only every --log_every steps, before a checkpoint and at
         the end of an epoch, so the device is never waited for in between; a non-finite loss
@@ -371,6 +375,7 @@ class Run:
         """
         progress = tqdm(total=schedule.last_step, initial=self.state.global_step, disable=not self.main_process,
                         desc=self.name, dynamic_ncols=True)
+        self.logged = logged
         n_parameters = trainable_parameters(model)  # for the log lines
         with self.lost_peers_stop(), self.stop_signals():
             self._train(model, optimizer, dataset, schedule, micro_step, n_parameters, train_mode, after_step,

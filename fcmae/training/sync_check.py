@@ -1,7 +1,7 @@
 """The synchronisation check: do the training scripts' steps ever make the host wait for the GPU?
 
-`python -m fcmae.bench --sync_check` runs pretrain.py (two micro-steps per optimiser step) and
-finetune.py (Mixup/CutMix, label smoothing, gradient clipping, EMA, an evaluation with the EMA
+`python -m fcmae.bench --sync_check` runs pretrain.py (two micro-steps per optimiser step, its
+held-out loss and k-NN monitor) and finetune.py (Mixup/CutMix, label smoothing, gradient clipping, EMA, an evaluation with the EMA
 weights) for a few steps each on small images it writes, and reports every operation inside a
 step or an evaluation batch (fcmae.training.waits.no_wait) that would make a CUDA host wait:
 
@@ -345,16 +345,17 @@ def write_images(folder, count, size=72, classes=("a", "b")):
 
 def runs(scratch, device):
     """(script name, argv) of the checked runs: 3 optimiser steps of 2 micro-steps each, a loss
-    read-back after the second and at the end, a checkpoint and pictures; fine-tuning with the
-    shipped configs' Mixup/CutMix, smoothing and EMA, clipping, then an evaluation of the model and
-    the EMA weights whose last batch is smaller."""
+    read-back after the second and at the end, a checkpoint, pictures, the held-out loss and the
+    k-NN monitor; fine-tuning with the shipped configs' Mixup/CutMix, smoothing and EMA, clipping,
+    then an evaluation of the model and the EMA weights whose last batch is smaller."""
     train = write_images(scratch / "train", 12)
     held_out = write_images(scratch / "eval", 3)
     common = ["--model", "convnextv2_atto", "--input_size", "64", "--batch_size", "2", "--update_freq", "2",
               "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--log_with", "none",
               "--log_every", "2", "--device", "cpu" if device.type != "cuda" else "cuda"]
     pretrain = [*common, "--data_path", str(train), "--decoder_embed_dim", "64", "--output_dir",
-                str(scratch / "pretrain")]
+                str(scratch / "pretrain"), "--eval_data_path", str(held_out), "--knn_train_path", str(train),
+                "--knn_eval_path", str(held_out), "--knn_k", "4"]
     finetune = [*common, "--data_set", "image_folder", "--data_path", str(train), "--eval_data_path",
                 str(held_out), "--nb_classes", "2", "--mixup", "0.8", "--cutmix", "1.0", "--smoothing", "0.1",
                 "--model_ema", "true", "--model_ema_eval", "true", "--clip_grad", "1.0", "--output_dir",
@@ -425,11 +426,13 @@ def main(scripts, device="meta", say=print):
     for failure in report.failures:
         say(f"not checked to the end: {failure}")
     checked, designed = report.summary()
-    steps = sum(n for what, n in report.regions.items())
+    steps = report.regions["optimiser step"]
+    batches = ", ".join(f"{n} {what.removesuffix(' batch')}" for what, n in report.regions.items()
+                        if what != "optimiser step")
     if report.findings or report.failures:
         say(f"{len(report.findings)} host synchronisation(s) found in {checked}; designed waits: {designed}")
         return 1
-    say(f"no host synchronisation in {steps} steps ({checked}) on the {device} device; designed waits, "
-        f"outside them: {designed}")
+    say(f"no host synchronisation in {steps} steps and {sum(report.regions.values()) - steps} batches ({batches}) "
+        f"on the {device} device; designed waits, outside them: {designed}")
     return 0
 
