@@ -446,9 +446,16 @@ class Run:
         stand-in (its last good micro-batch, else `dataset.stand_in_batch`) until the next loss
         read-back, where every process learns of it and all stop at the same step, before anything
         is saved (see read_losses)."""
-        batches, last = iter(loader), None
+        # made here, not at the first micro-batch: making it draws from the global generator, which
+        # the step re-seeds just before (a run resumed mid-epoch would draw differently)
+        batches = iter(loader)
         if hasattr(dataset, "decode_ahead"):  # a decoder in this process (dali) starts each batch a step ahead
             batches = dataset.decode_ahead(batches, self.device)
+        return self.kept_in_step(batches, dataset)
+
+    def kept_in_step(self, batches, dataset):
+        """`batches`, with a stand-in for each micro-batch that could not be read (see micro_batches)."""
+        last = None
         while True:
             try:
                 batch = next(batches)
