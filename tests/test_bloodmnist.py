@@ -3,7 +3,7 @@ and the CI-sized preset end to end through the real pipeline (class folders, pre
 export, finetune.py, learning-rate choice on val, test of the chosen runs, report).
 
 The CI preset tests the pipeline only: at 40 images a class and a few epochs the accuracies are
-near chance, so nothing is asserted about the gain (the README reports the full study's)."""
+near chance, so nothing is asserted about the gain (docs/evidence.md reports the full study's)."""
 import importlib.util
 import json
 import os

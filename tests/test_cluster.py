@@ -312,7 +312,7 @@ def test_a_killed_worker_restarts_the_group_which_resumes_and_ends_as_the_uninte
     args = [*map(str, ARGS), "--data_path", str(images), "--batch_size", "2", "--device", "cpu",
             "--save_ckpt_steps", "2"]
     elastic = launcher(29534, "--max_restarts", "1", "--rdzv_backend", "c10d", "--monitor_interval", "0.5")
-    # the README's elastic recipe: without a store of its own, the restarted group reads the dead one's addresses
+    # the elastic recipe of docs/cluster.md: without a store of its own, the restarted group reads the dead one's addresses
     proc = start([*elastic, str(ROOT / "pretrain.py"), *args], out, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     wait_for_step(proc, out, random.Random().randint(3, 14))
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
@@ -373,24 +373,24 @@ def test_one_process_of_several_alone_refuses(images, tmp_path, capsys, monkeypa
     assert len(err.strip().splitlines()) == 1
 
 
-# ----- the README ----------------------------------------------------------------------------------------
+# ----- the cluster page (docs/cluster.md) ------------------------------------------------------------------
 
 def flags_of(command_text):
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", command_text))
 
 
-@pytest.mark.parametrize("marker", ["**A dead worker.**", "**SLURM**"])
-def test_every_flag_of_the_readme_cluster_commands_exists(marker):
+@pytest.mark.parametrize("marker", ["## A dead worker", "## SLURM"])
+def test_every_flag_of_the_documented_cluster_commands_exists(marker):
     """The sbatch script cannot run here; every flag of accelerate launch and pretrain.py in it must exist."""
     from accelerate.commands.launch import launch_command_parser
-    from test_project import readme_command
-    command = readme_command(marker)
+    from test_project import doc_command
+    command = doc_command(marker, "docs/cluster.md")
     launch_part, script_part = command.split("pretrain.py", 1)
     launch_part = launch_part[launch_part.index("accelerate launch"):]
     known = {s for action in launch_command_parser()._actions for s in action.option_strings}
     assert flags_of(launch_part) and flags_of(launch_part) <= known, flags_of(launch_part) - known
     known = {s for action in pretrain.get_args_parser()._actions for s in action.option_strings}
     assert flags_of(script_part) and flags_of(script_part) <= known, flags_of(script_part) - known
-    if marker == "**SLURM**":
+    if marker == "## SLURM":
         assert "--stop_signals" in script_part and "--save_ckpt_minutes" in script_part
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in command and "--rdzv_backend c10d" in command

@@ -191,7 +191,7 @@ def psnr(a, b):
 
 
 def test_scaled_decoding_stays_within_the_stated_deviation(photos):
-    """README: on photographs, crops decoded at 1/2, 1/4 or 1/8 scale differ from full decoding by
+    """docs/data.md: on photographs, crops decoded at 1/2, 1/4 or 1/8 scale differ from full decoding by
     less than 2 levels in 255 on average at every reduction (measured: 0.4 to 1.6), and no crop
     by more than a PSNR of 32 dB (measured: the worst at 34 to 36 dB)."""
     transform = PretrainTransform(64)

@@ -1,4 +1,4 @@
-"""The project's entry points: README commands, CI script, benchmark CLI."""
+"""The project's entry points: the README's and the documentation's commands, CI script, benchmark CLI."""
 import json
 import os
 import re
@@ -22,12 +22,18 @@ def run(*args, timeout=300):
                           timeout=timeout)
 
 
+def doc_command(marker, page="README.md"):
+    """The shell command in the code block of `page` (README.md, docs/...) that follows the line
+    containing `marker`."""
+    text = (ROOT / page).read_text()
+    match = re.search(re.escape(marker) + r".*?```(?:bash|sh)?\n(.*?)```", text, re.S)
+    assert match, f"{page} has no code block after {marker!r}"
+    return match.group(1).strip()
+
+
 def readme_command(marker):
     """The shell command in the README's code block that follows the line containing `marker`."""
-    text = (ROOT / "README.md").read_text()
-    match = re.search(re.escape(marker) + r".*?```(?:bash|sh)?\n(.*?)```", text, re.S)
-    assert match, f"README has no code block after {marker!r}"
-    return match.group(1).strip()
+    return doc_command(marker)
 
 
 def test_ci_runs_exactly_the_readme_test_command():
@@ -39,12 +45,18 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert quick.endswith('pytest -m "not slow"') and "install_minkowski" not in quick
 
 
-def test_readme_python_snippets_run(tmp_path):
-    """Every ```python block of the README runs as written, in a folder holding the files it names."""
+# the pages whose ```python blocks run offline as written (released-weights.md downloads from the Hub)
+SNIPPET_PAGES = ["README.md", "docs/model.md", "docs/weights.md"]
+
+
+def test_documented_python_snippets_run(tmp_path):
+    """Every ```python block of the README and of the model and weights pages runs as written, in a
+    folder holding the files it names."""
     import fcmae
     from safetensors.torch import save_file
     from fcmae import weights
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    blocks = [block for page in SNIPPET_PAGES
+              for block in re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)]
     assert len(blocks) >= 2
     torch_model = fcmae.create_model("convnextv2_atto")
     weights.export(torch_model, "official", tmp_path / "convnextv2_atto_1k_224_fcmae.pt")
@@ -55,12 +67,13 @@ def test_readme_python_snippets_run(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=300)
-        assert result.returncode == 0, f"README snippet failed:\n{block}\n{result.stderr[-2000:]}"
+        assert result.returncode == 0, f"documented snippet failed:\n{block}\n{result.stderr[-2000:]}"
 
 
 def test_readme_main_command_runs_the_demo():
-    command = readme_command("Try it")
-    assert command.startswith("python3 -m venv .venv") and command.endswith("python pretrain.py")
+    install = readme_command("## Install")
+    assert install.startswith("python3 -m venv .venv") and install.endswith("pip install -e .")
+    assert readme_command("## Try it") == "python pretrain.py"
 
 
 def bench_rows(stdout):
