@@ -596,8 +596,9 @@ class Run:
             last = latest_checkpoint(self.ckpt_dir) if self.ckpt_dir else None
             print(f"error: process {self.rank} of {self.world} lost the others at step {self.state.global_step} "
                   f"({text.strip().splitlines()[0][:200]}): another process died or hung, and the launcher's report "
-                  f"names its rank. The last good checkpoint is {last or 'none'}; with the README's elastic launch "
-                  "flags the group restarts from it by itself, else run the same command again.", file=sys.stderr)
+                  f"names its rank. The last good checkpoint is {last or 'none'}; with the elastic launch flags "
+                  "(docs/cluster.md) the group restarts from it by itself, else run the same command again.",
+                  file=sys.stderr)
             sys.exit(1)
 
     def preempted(self):
