@@ -174,7 +174,7 @@ def test_each_stage_keeps_exactly_the_visible_set(uneven):
     previous = None
     for stage in range(4):
         factor = 2 ** (3 - stage)
-        rows = patches.stage(factor)
+        rows = patches.stages[stage]
         expected = visible.repeat_interleave(factor, 1).repeat_interleave(factor, 2)
         assert rows.shape == tuple(expected.shape)
         assert torch.equal(rows.index.sort().values, expected.flatten().nonzero().squeeze(1))
