@@ -61,17 +61,23 @@ def channel_norms(x, dim):
     return torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=stats_dtype(x))
 
 
-def grn(x, norms, module):
-    """GlobalResponseNorm of channels-last `x` given per-sample, per-channel L2 norms.
+def grn(x, module, dim):
+    """GlobalResponseNorm of channels-last `x`, each sample's norms taken over `dim` of `x`, the
+    sample's positions: its visible ones only (the paper's masked formulation) when the others
+    are zero or absent."""
+    return ResponseNorm.apply(x, None, module.weight, module.bias, module.eps, dim)
 
-    `norms` broadcasts against `x` and holds, for each row's sample, the L2 norm of that
-    channel over the sample's visible positions only (the paper's masked formulation).
-    """
-    return ResponseNorm.apply(x, norms, module.weight, module.bias, module.eps)
+
+def grn_given_norms(x, norms, module):
+    """GlobalResponseNorm of channels-last `x` given per-sample, per-channel L2 norms that
+    broadcast against `x`: for each row's sample, the norm of that channel over the sample's
+    visible positions."""
+    return ResponseNorm.apply(x, norms, module.weight, module.bias, module.eps, None)
 
 
 class ResponseNorm(torch.autograd.Function):
-    """GRN given the norms G: gamma * (x * s) + beta + x with s = G / (mean over channels of G + eps).
+    """GRN: gamma * (x * s) + beta + x with s = G / (mean over channels of G + eps), G the norms
+    (given, or those of `x` over `dim`).
 
     Computed as x * (1 + gamma * s) + beta: the factor is one value per sample and channel, so
     the full-size tensor is touched once, not three times. The backward pass is written out: it
@@ -80,23 +86,31 @@ class ResponseNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, norms, gamma, beta, eps):
+    def forward(ctx, x, norms, gamma, beta, eps, dim):
+        own = norms is None
+        if own:
+            norms = channel_norms(x, dim)
         denom = norms.mean(dim=-1, keepdim=True) + eps
         scale = norms / denom
         factor = 1.0 + gamma * scale
-        ctx.save_for_backward(x, gamma, scale, factor, denom)
-        ctx.beta_shape = beta.shape
+        # x / G stays finite (|x| <= G) and is 0 where G is (the channel is zero), as autograd's norm gradient
+        safe_norms = norms.clamp_min(torch.finfo(norms.dtype).tiny) if own else None
+        ctx.save_for_backward(x, gamma, scale, factor, denom, safe_norms)
+        ctx.own, ctx.beta_shape = own, beta.shape
         return torch.addcmul(beta, x, factor)
 
     @staticmethod
     def backward(ctx, grad):
-        x, gamma, scale, factor, denom = ctx.saved_tensors
+        x, gamma, scale, factor, denom, safe_norms = ctx.saved_tensors
         grad_factor = sum_to(grad * x, factor.shape)
         grad_scale = grad_factor * gamma
         # s_c = G_c / D with D = mean_k G_k + eps, so dL/dG_j = (dL/ds_j - mean_c(dL/ds_c * s_c)) / D
         grad_norms = (grad_scale - (grad_scale * scale).mean(dim=-1, keepdim=True)) / denom
         grad_gamma = sum_to(grad_factor * scale, gamma.shape)
-        return grad * factor, grad_norms, grad_gamma, sum_to(grad, ctx.beta_shape), None
+        grad_beta = sum_to(grad, ctx.beta_shape)
+        if ctx.own:  # dG/dx = x / G
+            return torch.addcmul(grad * factor, x / safe_norms, grad_norms), None, grad_gamma, grad_beta, None, None
+        return grad * factor, grad_norms, grad_gamma, grad_beta, None, None
 
 
 def sum_to(x, shape):
@@ -117,7 +131,7 @@ def grn_by_sample(rows, sample, num_samples, module):
     sum_sq = sum_sq.index_add_(0, sample, rows.to(sum_sq.dtype).square())
     # sqrt with a finite gradient at 0 (a sample with nothing visible)
     norms = sum_sq.clamp_min(torch.finfo(sum_sq.dtype).tiny).sqrt()
-    return grn(rows, norms.index_select(0, sample), module)
+    return grn_given_norms(rows, norms.index_select(0, sample), module)
 
 
 def block_pointwise(block, y, apply_grn):

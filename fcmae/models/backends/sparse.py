@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fcmae.models.backends.common import (
-    ENCODER_STRIDE, block_pointwise, channel_norms, compute_dtype, grn, grn_by_sample, layer_norm, stage_factors,
+    ENCODER_STRIDE, block_pointwise, compute_dtype, grn, grn_by_sample, layer_norm, stage_factors,
 )
 from fcmae.models.backends.record import Backend
 
@@ -99,7 +99,7 @@ class StageRows:
         patches, channels = self.patches, rows.shape[1]
         if patches.per_sample is not None:
             per_sample = rows.reshape(patches.num_samples, -1, channels)
-            return grn(per_sample, channel_norms(per_sample, dim=1), module).reshape(rows.shape)
+            return grn(per_sample, module, dim=1).reshape(rows.shape)
         return grn_by_sample(rows, self.sample, patches.num_samples, module)
 
 
