@@ -201,6 +201,9 @@ def test_z_order_visits_each_location_once_cell_by_cell():
             coarse_y, coarse_x = z_order(factor // 2)
             z = torch.arange(factor * factor)
             assert torch.equal(dy // 2, coarse_y[z // 4]) and torch.equal(dx // 2, coarse_x[z // 4])
+        # a smaller square's Z order is the start of a larger one's (the stages share one)
+        largest_y, largest_x = z_order(8)
+        assert torch.equal(largest_y[:factor * factor], dy) and torch.equal(largest_x[:factor * factor], dx)
 
 
 def pointwise_flops(model, imgs, mask):
@@ -402,3 +405,22 @@ def test_the_step_after_the_mask_checks_is_one_graph(make_model, backend):
     assert torch.equal(loss, ref_loss) and torch.equal(pred, ref_pred)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         compiled(imgs, mask, num_visible)  # autocast queries trace too
+
+
+def test_response_norm_backward_is_the_derivative_of_its_forward():
+    """The GRN's written-out backward, checked against finite differences in float64, with a
+    channel that is zero in one sample (its norm's gradient must stay finite)."""
+    from fcmae.models.backends.common import ResponseNorm
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=gen, dtype=torch.float64)
+    x[1, :, 2] = 0
+    gamma, beta = (torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(2))
+    given = torch.rand(2, 1, 6, generator=gen, dtype=torch.float64) + 0.5
+    for t in (x, gamma, beta, given):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda *a: ResponseNorm.apply(a[0], None, a[1], a[2], 1e-6, 1), (x, gamma, beta))
+    assert torch.autograd.gradcheck(lambda *a: ResponseNorm.apply(a[0], a[1], a[2], a[3], 1e-6, None),
+                                    (x, given, gamma, beta))
+    out = ResponseNorm.apply(x, None, gamma, beta, 1e-6, 1)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -4,7 +4,10 @@ Every operation that reaches PyTorch's dispatcher is counted (views and in-place
 on a GPU each computing one is a kernel launch, so the count stands in for the launches of a
 step. On the meta device tensors have shapes but no data, so even convnextv2_base at batch 64
 is counted in a moment and without memory; the count depends on the shapes only, not on the
-values, except where a mask's visible count is unknown (never here: the mask is random).
+values, except where a mask's visible count is unknown (never here: the mask is random). A
+convolution's output on the meta device is always in the contiguous layout, not channels-last as
+on the CPU and CUDA, so reading it back as rows costs a copy more there (two operations more per
+depthwise conv in the sparse backend than a count on the CPU).
 """
 import collections
 from dataclasses import dataclass

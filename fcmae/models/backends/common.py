@@ -34,9 +34,7 @@ def layer_norm(x, norm):
 
 def linear(x, layer):
     """A Linear layer or a 1x1 Conv2d applied to channels-last rows."""
-    weight = layer.weight
-    # a Linear weight is used as it is: flatten(1) would dispatch a view, and its backward another
-    return F.linear(x, weight if weight.dim() == 2 else weight.flatten(1), layer.bias)
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
 
 
 def compute_dtype(x):
@@ -81,7 +79,7 @@ class ResponseNorm(torch.autograd.Function):
 
     Computed as x * (1 + gamma * s) + beta: the factor is one value per sample and channel, so
     the full-size tensor is touched once, not three times. The backward pass is written out: it
-    dispatches about a third of the operations autograd derives from the forward (several per
+    dispatches half the operations autograd derives from the forward (which adds several per
     broadcast product and division), with the same result.
     """
 

@@ -46,7 +46,7 @@ class VisiblePatches:
     stage are found here, once per forward, from the mask alone.
     """
 
-    def __init__(self, mask, grid_h, grid_w, num_visible=None, factors=None):
+    def __init__(self, mask, grid_h, grid_w, num_visible=None):
         n, num_patches = mask.shape
         self.num_samples, self.grid = n, (grid_h, grid_w)
         if num_visible is None:
@@ -64,7 +64,7 @@ class VisiblePatches:
         patch = flat - self.sample * num_patches
         self.patch_y = torch.div(patch, grid_w, rounding_mode="floor")
         self.patch_x = patch - self.patch_y * grid_w
-        factors = stage_factors() if factors is None else factors
+        factors = stage_factors()
         # the Z order of the largest square; that of a smaller one is its first factor ** 2 entries
         dy, dx = z_order(max(factors), flat.device)
         self.stages = [StageRows(self, f, dy[:f * f], dx[:f * f]) for f in factors]

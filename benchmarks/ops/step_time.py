@@ -1,0 +1,117 @@
+"""CPU time of a whole training step (zero_grad, forward, backward, AdamW) of FCMAE in two checkouts,
+side by side, and their operation counts.
+
+    python benchmarks/ops/step_time.py --before /path/to/other/checkout --rounds 3
+
+Each round runs one subprocess per checkout (PYTHONPATH set to it), in turn, so that machine drift
+falls on both alike; a subprocess times every (model, backend) case in float32 on the CPU and
+reports the mean of its timed steps. The figure kept is the median over rounds. Operation counts
+(one forward and backward pass, dispatched operations) are taken with this checkout's counter
+(fcmae/models/op_count.py, loaded by path) running each checkout's model.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+AFTER = HERE.parents[1]
+CASES = [("convnextv2_atto", 8), ("convnextv2_base", 2)]  # (model, batch) at 224 px
+BACKENDS = ["sparse", "dense"]
+COUNTS = [("convnextv2_base", 64, "meta"), ("convnextv2_atto", 2, "cpu")]
+
+WORKER = r"""
+import importlib.util, json, sys, time
+import torch
+import fcmae
+from fcmae.models import create_model
+from fcmae.optim import pretraining_optimizer
+spec = importlib.util.spec_from_file_location("op_count", sys.argv[1])
+op_count = importlib.util.module_from_spec(spec); spec.loader.exec_module(op_count)
+cases, backends, counts, steps, warmup = json.loads(sys.argv[2])
+out = {"step_s": {}, "ops": {}, "package": fcmae.__file__}
+for model_name, batch in cases:
+    for backend in backends:
+        torch.manual_seed(0)
+        model = create_model(model_name, backend=backend)
+        gen = torch.Generator().manual_seed(0)
+        imgs = torch.randn(batch, 3, 224, 224, generator=gen)
+        mask = model.random_mask(imgs, generator=gen)
+        optimizer = pretraining_optimizer(model, lr=1e-4, weight_decay=0.05)
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            model(imgs, mask, num_visible=model.num_visible(imgs))[0].backward()
+            optimizer.step()
+        for _ in range(warmup):
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out["step_s"][f"{model_name} b{batch} {backend}"] = (time.perf_counter() - start) / steps
+for model_name, batch, device in counts:
+    for backend in backends:
+        c = op_count.count_ops(model_name, backend, batch, (224, 224), device=device)
+        out["ops"][f"{model_name} b{batch} {device} {backend}"] = [c.forward, c.backward, c.total]
+print(json.dumps(out))
+"""
+
+
+def run(tree, steps, warmup, counts):
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    config = json.dumps([CASES, BACKENDS, COUNTS if counts else [], steps, warmup])
+    done = subprocess.run([sys.executable, "-c", WORKER, str(AFTER / "fcmae/models/op_count.py"), config],
+                          env=env, cwd=tree, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if not Path(result["package"]).resolve().is_relative_to(Path(tree).resolve()):
+        raise SystemExit(f"the checkout {tree} ran the package at {result['package']}")
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", required=True, help="the other checkout")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--machine", default="2-core development machine, no GPU, shared with other work")
+    parser.add_argument("--out", default=str(HERE / "results" / "step_time"))
+    args = parser.parse_args()
+    trees = {"before": Path(args.before).resolve(), "after": AFTER}
+    times = {name: {} for name in trees}
+    ops = {}
+    for r in range(args.rounds):
+        for name, tree in (trees.items() if r % 2 == 0 else reversed(trees.items())):
+            result = run(tree, args.steps, args.warmup, counts=r == 0)
+            for case, seconds in result["step_s"].items():
+                times[name].setdefault(case, []).append(seconds)
+            if r == 0:
+                ops[name] = result["ops"]
+    import torch
+    record = {"machine": args.machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "trees": {k: str(v) for k, v in trees.items()}, "step_s": times, "ops": ops}
+    lines = [f"# Training step on the CPU, before and after ({args.machine})", "",
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, 224 px, mask ratio 0.6; whole step "
+             f"(zero_grad, forward, backward, AdamW), mean of {args.steps} steps after {args.warmup} warm-up, median of "
+             f"{args.rounds} interleaved rounds; {record['date']}.", "",
+             "| case | before ms | after ms | after / before |", "|---|---:|---:|---:|"]
+    for case in times["after"]:
+        b, a = (statistics.median(times[n][case]) * 1e3 for n in ("before", "after"))
+        lines.append(f"| {case} | {b:.0f} | {a:.0f} | {a / b:.2f} |")
+    lines += ["", "Operations dispatched by one forward and backward pass:", "",
+              "| case | before (fwd / bwd / total) | after (fwd / bwd / total) | change |", "|---|---:|---:|---:|"]
+    for case in ops["after"]:
+        b, a = ops["before"][case], ops["after"][case]
+        lines.append(f"| {case} | {b[0]} / {b[1]} / {b[2]} | {a[0]} / {a[1]} / {a[2]} | {100 * (a[2] / b[2] - 1):+.1f}% |")
+    Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
+    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
