@@ -79,33 +79,44 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--machine", default="2-core development machine, no GPU, shared with other work")
     parser.add_argument("--out", default=str(HERE / "results" / "step_time"))
+    parser.add_argument("--only", nargs="+", default=None, metavar="CASE",
+                        help="time only these cases, as MODEL:BACKEND (e.g. convnextv2_atto:sparse); no op counts")
     args = parser.parse_args()
+    if args.only:
+        CASES[:] = [(m, b) for m, b in CASES if any(o.split(":")[0] == m for o in args.only)]
+        BACKENDS[:] = [b for b in BACKENDS if any(o.split(":")[1] == b for o in args.only)]
     trees = {"before": Path(args.before).resolve(), "after": AFTER}
     times = {name: {} for name in trees}
     ops = {}
+    load = [os.getloadavg()[0]]
     for r in range(args.rounds):
         for name, tree in (trees.items() if r % 2 == 0 else reversed(trees.items())):
-            result = run(tree, args.steps, args.warmup, counts=r == 0)
+            result = run(tree, args.steps, args.warmup, counts=r == 0 and not args.only)
             for case, seconds in result["step_s"].items():
                 times[name].setdefault(case, []).append(seconds)
             if r == 0:
                 ops[name] = result["ops"]
+    load.append(os.getloadavg()[0])
     import torch
-    record = {"machine": args.machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    record = {"load_average_1min_start_end": load, "machine": args.machine, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "rounds": args.rounds, "steps_per_round": args.steps, "warmup": args.warmup,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "trees": {k: str(v) for k, v in trees.items()}, "step_s": times, "ops": ops}
     lines = [f"# Training step on the CPU, before and after ({args.machine})", "",
              f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, 224 px, mask ratio 0.6; whole step "
              f"(zero_grad, forward, backward, AdamW), mean of {args.steps} steps after {args.warmup} warm-up, median of "
-             f"{args.rounds} interleaved rounds; {record['date']}.", "",
-             "| case | before ms | after ms | after / before |", "|---|---:|---:|---:|"]
+             f"{args.rounds} interleaved rounds; {record['date']}; 1-minute load average {load[0]:.1f} at the start, "
+             f"{load[1]:.1f} at the end (the other work's share).", "",
+             "| case | before ms | after ms | after / before | before, each round | after, each round |",
+             "|---|---:|---:|---:|---|---|"]
     for case in times["after"]:
         b, a = (statistics.median(times[n][case]) * 1e3 for n in ("before", "after"))
-        lines.append(f"| {case} | {b:.0f} | {a:.0f} | {a / b:.2f} |")
-    lines += ["", "Operations dispatched by one forward and backward pass:", "",
-              "| case | before (fwd / bwd / total) | after (fwd / bwd / total) | change |", "|---|---:|---:|---:|"]
-    for case in ops["after"]:
+        rounds = [", ".join(f"{t * 1e3:.0f}" for t in times[n][case]) for n in ("before", "after")]
+        lines.append(f"| {case} | {b:.0f} | {a:.0f} | {a / b:.2f} | {rounds[0]} | {rounds[1]} |")
+    if ops.get("after"):
+        lines += ["", "Operations dispatched by one forward and backward pass:", "",
+                  "| case | before (fwd / bwd / total) | after (fwd / bwd / total) | change |", "|---|---:|---:|---:|"]
+    for case in ops.get("after", {}):
         b, a = ops["before"][case], ops["after"][case]
         lines.append(f"| {case} | {b[0]} / {b[1]} / {b[2]} | {a[0]} / {a[1]} / {a[2]} | {100 * (a[2] / b[2] - 1):+.1f}% |")
     Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
