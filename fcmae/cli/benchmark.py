@@ -75,6 +75,11 @@ def parse_args(argv=None):
     parser.add_argument("--decoder", nargs="+", default=[DEFAULT_DECODER], choices=list(DECODERS), metavar="NAME",
                         help=f"with --data: the decoders to measure, of {', '.join(DECODERS)} (default: "
                              f"{DEFAULT_DECODER}, pretrain.py's)")
+    # operation counts
+    parser.add_argument("--count_ops", nargs="?", const="meta", default=None, choices=["meta", "cpu"],
+                        help="instead of timing: count the operations dispatched (each a kernel launch on a GPU) by one "
+                             "forward and backward pass of each FCMAE backend, on the meta device (no memory: any size "
+                             "and batch at once; the default with the flag alone) or on the CPU")
     # the synchronisation check
     parser.add_argument("--sync_check", nargs="?", const="meta", default=None, choices=["meta", "cuda"],
                         help="instead of timing: run a few steps of pretrain.py and finetune.py on a stand-in for the "
@@ -355,8 +360,37 @@ def sync_check(args):
     return sync_check.main(scripts, args.sync_check)
 
 
+def count_ops(args):
+    """--count_ops: records of the operations per forward and backward pass of every (model,
+    backend) that runs here, and a table of them."""
+    from fcmae.models.op_count import count_ops as count
+    height, width = image_size(args)
+    backends = [row for row in args.rows if row in BACKENDS]
+    if args.count_ops == "meta":  # the pure-PyTorch backends (those torch.compile traces) run on the meta device
+        backends = [b for b in backends if BACKENDS[b].compiles]
+    records = []
+    for model_name in args.model:
+        for backend in backends:
+            c = count(model_name, backend, args.batch_size, (height, width), args.mask_ratio, args.count_ops)
+            records.append({"model": model_name, "row": backend, "batch_size": args.batch_size,
+                            "input_size": [height, width], "mask_ratio": args.mask_ratio, "device": args.count_ops,
+                            "torch": torch.__version__, "forward_ops": c.forward, "backward_ops": c.backward,
+                            "total_ops": c.total})
+    print(f"operations dispatched per forward and backward pass: batch {args.batch_size}, {height}x{width}, mask "
+          f"ratio {args.mask_ratio}, {args.count_ops} device, torch {torch.__version__}")
+    print(f"{'model':<18}{'row':<10}{'forward':>10}{'backward':>10}{'total':>10}")
+    for r in records:
+        print(f"{r['model']:<18}{r['row']:<10}{r['forward_ops']:>10}{r['backward_ops']:>10}{r['total_ops']:>10}")
+    return records
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.count_ops is not None:
+        records = count_ops(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
+        return records
     if args.sync_check is not None:
         code = sync_check(args)
         if code:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fcmae.models.backends.common import (
-    ENCODER_STRIDE, block_pointwise, channel_norms, compute_dtype, grn, grn_by_sample, layer_norm, stage_factors,
+    ENCODER_STRIDE, block_pointwise, compute_dtype, grn, grn_by_sample, layer_norm, stage_factors,
 )
 from fcmae.models.backends.record import Backend
 
@@ -42,7 +42,8 @@ class VisiblePatches:
     """The visible patches of a batch, and where each stage's rows lie in that stage's map.
 
     mask: (N, h * w) with 1 = removed. num_visible: the number of visible patches of every
-    sample when the caller knows it (no host synchronisation), else None.
+    sample when the caller knows it (no host synchronisation), else None. The rows of every
+    stage are found here, once per forward, from the mask alone.
     """
 
     def __init__(self, mask, grid_h, grid_w, num_visible=None):
@@ -63,27 +64,30 @@ class VisiblePatches:
         patch = flat - self.sample * num_patches
         self.patch_y = torch.div(patch, grid_w, rounding_mode="floor")
         self.patch_x = patch - self.patch_y * grid_w
-
-    def stage(self, factor):
-        return StageRows(self, factor)
+        factors = stage_factors()
+        # the Z order of the largest square; that of a smaller one is its first factor ** 2 entries
+        dy, dx = z_order(max(factors), flat.device)
+        self.stages = [StageRows(self, f, dy[:f * f], dx[:f * f]) for f in factors]
 
 
 class StageRows:
-    """The rows of one stage, `factor` x `factor` locations per visible patch."""
+    """The rows of one stage, `factor` x `factor` locations per visible patch; (dy, dx): the
+    locations of a patch in Z order."""
 
-    def __init__(self, patches, factor):
+    def __init__(self, patches, factor, dy, dx):
         self.patches, self.factor = patches, factor
         h, w = patches.grid
         self.shape = (patches.num_samples, h * factor, w * factor)
-        dy, dx = z_order(factor, patches.sample.device)
         _, height, width = self.shape
-        top = (patches.sample * height + patches.patch_y * factor) * width + patches.patch_x * factor
-        self.index = (top.unsqueeze(1) + (dy * width + dx)).reshape(-1)  # flat (n, y, x) of each row
+        self.y = ((patches.patch_y * factor).unsqueeze(1) + dy).reshape(-1)  # each row's place in the map
+        self.x = ((patches.patch_x * factor).unsqueeze(1) + dx).reshape(-1)
+        self.sample = patches.sample.repeat_interleave(factor * factor)
+        self.index = (self.sample * height + self.y) * width + self.x  # flat (n, y, x) of each row
 
     def scatter(self, rows):
         """(rows, C) -> (N, C, H, W) map, zero at masked positions, channels-last in memory."""
         n, h, w = self.shape
-        flat = rows.new_zeros(n * h * w, rows.shape[1]).index_copy(0, self.index, rows)
+        flat = rows.new_zeros(n * h * w, rows.shape[1]).index_copy_(0, self.index, rows)
         return flat.view(n, h, w, -1).permute(0, 3, 1, 2)
 
     def gather(self, dense):
@@ -95,17 +99,25 @@ class StageRows:
         patches, channels = self.patches, rows.shape[1]
         if patches.per_sample is not None:
             per_sample = rows.reshape(patches.num_samples, -1, channels)
-            return grn(per_sample, channel_norms(per_sample, dim=1), module).reshape(rows.shape)
-        sample = patches.sample.repeat_interleave(self.factor * self.factor)
-        return grn_by_sample(rows, sample, patches.num_samples, module)
+            return grn(per_sample, module, dim=1).reshape(rows.shape)
+        return grn_by_sample(rows, self.sample, patches.num_samples, module)
+
+
+def stem_cells(imgs, rows, cell):
+    """The cell x cell pixel cells of the stem's visible rows, (rows, C_in * cell * cell) in the
+    stem conv's (c, dy, dx) weight order, read from the image in place (only visible cells are
+    copied)."""
+    n, c, height, width = imgs.shape
+    cells = imgs.view(n, c, height // cell, cell, width // cell, cell).permute(0, 2, 4, 1, 3, 5)
+    return cells[rows.sample, rows.y, rows.x].view(-1, c * cell * cell)
 
 
 def sparse_forward(encoder, imgs, mask, num_visible=None):
-    patches = VisiblePatches(mask, imgs.shape[2] // ENCODER_STRIDE, imgs.shape[3] // ENCODER_STRIDE, num_visible)
-    stages = [patches.stage(f) for f in stage_factors()]
+    stages = VisiblePatches(mask, imgs.shape[2] // ENCODER_STRIDE, imgs.shape[3] // ENCODER_STRIDE,
+                            num_visible).stages
     stem_conv, stem_norm = encoder.stem
     # The stem's 4x4 stride-4 conv is a Linear layer over 4x4 pixel cells: run it on visible cells.
-    cells = stages[0].gather(F.pixel_unshuffle(imgs, stem_conv.stride[0]))
+    cells = stem_cells(imgs, stages[0], stem_conv.stride[0])
     rows = layer_norm(F.linear(cells, stem_conv.weight.flatten(1), stem_conv.bias), stem_norm)
     for i, stage in enumerate(encoder.stages):
         rows_at = stages[i]
@@ -115,9 +127,10 @@ def sparse_forward(encoder, imgs, mask, num_visible=None):
             cells = layer_norm(rows, ds_norm).reshape(-1, 4 * rows.shape[1])
             # conv weight (C_out, C_in, 2, 2) -> (C_out, 2*2*C_in) in the cells' (dy, dx, c) order
             rows = F.linear(cells, ds_conv.weight.permute(0, 2, 3, 1).flatten(1), ds_conv.bias)
+        dtype = compute_dtype(rows)
         for block in stage.blocks:
             # scattered in the conv's dtype (bf16 under autocast): half the bytes, same conv input
-            y = rows_at.gather(block.conv_dw(rows_at.scatter(rows.to(compute_dtype(rows)))))
+            y = rows_at.gather(block.conv_dw(rows_at.scatter(rows.to(dtype))))
             rows = rows + block_pointwise(block, y, rows_at.grn)
     return stages[-1].scatter(rows)
 
