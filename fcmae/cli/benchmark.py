@@ -313,7 +313,7 @@ def loader_rate(data, input_size, batch_size, num_workers, batches, decoder=DEFA
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    it = iter(loader)
+    it = dataset.decode_ahead(iter(loader), device)  # as the training loop takes them (dali: a batch ahead)
     dataset.prepare(next(it), device)
     sync()
     start = time.perf_counter()

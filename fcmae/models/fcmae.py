@@ -203,10 +203,10 @@ class FCMAE(nn.Module):
     def forward(self, imgs, mask=None, num_visible=None):
         """`loss, pred, mask` for an image batch (N, C, H, W), H and W multiples of 32.
 
-        mask: (N, L) with 1 = removed, L = (H/32)*(W/32); drawn at random when None.
+        mask: (N, L) with 1 = removed, L = `(H/32)*(W/32)`; drawn at random when None.
         num_visible: the visible patches of every sample of `mask`, when the caller knows it
         (see `prepare_mask`); it makes the step free of host synchronisation.
-        pred: (N, 32*32*C, H/32, W/32), the official layout.
+        pred: `(N, 32*32*C, H/32, W/32)`, the official layout.
         """
         mask, num_visible = self.prepare_mask(imgs, mask, num_visible)
         return self.forward_masked(imgs, mask, num_visible)

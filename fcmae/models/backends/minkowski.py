@@ -126,6 +126,6 @@ def minkowski_forward(encoder, imgs, mask, num_visible=None):
 
 
 # optional: needs MinkowskiEngine (scripts/install_minkowski.sh); never chosen by "auto", which the
-# pure-PyTorch sparse backend outruns on every device measured (README, Performance)
+# pure-PyTorch sparse backend outruns on every device measured (docs/performance.md)
 BACKEND = Backend("minkowski", minkowski_forward, not_compilable="torch.compile cannot trace MinkowskiEngine",
                   check=check)

@@ -135,5 +135,5 @@ def sparse_forward(encoder, imgs, mask, num_visible=None):
     return stages[-1].scatter(rows)
 
 
-# the fastest exact backend on every device measured so far, MinkowskiEngine included (README, Performance)
+# the fastest exact backend on every device measured so far, MinkowskiEngine included (docs/performance.md)
 BACKEND = Backend("sparse", sparse_forward, auto_rank=0)
