@@ -162,3 +162,11 @@ def test_a_balanced_sample_of_the_bank():
     counts = [sum(labels[i] == c for i in chosen) for c in range(3)]
     assert len(chosen) == 20 and counts == [8, 7, 5] and chosen == sorted(chosen)
     assert balanced_subset(labels, 20, seed=0) == chosen and balanced_subset(labels, 20, seed=1) != chosen
+
+
+def test_a_run_whose_monitors_keep_loader_workers_exits(data, tmp_path):
+    """The monitors' loaders keep their workers, which ignore the stop signals, until the process
+    exits; it still exits (it once waited for them for ever, after its last line)."""
+    result = run_pretrain(*monitored(data), "--num_workers", "1", "--max_steps", "2", "--output_dir", tmp_path / "run",
+                          timeout=150)
+    assert "k-NN top-1" in result.stdout and "done after 2 steps" in result.stdout

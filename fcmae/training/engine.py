@@ -39,7 +39,7 @@ from fcmae.config import ConfigError
 from fcmae.data import DataError, collate, derive_seed
 from fcmae.optim import cosine_lr, set_lr
 from fcmae.training.checkpoint import Checkpoint, TrainState, check_fits, latest_checkpoint, save_checkpoint
-from fcmae.training.signals import PREEMPTED_EXIT_CODE, StopSignals, ignore_signals
+from fcmae.training.signals import PREEMPTED_EXIT_CODE, StopSignals, end_workers_at_exit, ignore_signals
 from fcmae.training.waits import designed_wait, no_wait
 from fcmae.weights import WeightsError
 from fcmae.weights import describe as describe_loaded
@@ -350,6 +350,7 @@ class Run:
                                              pin_memory=args.pin_mem and self.device.type == "cuda",
                                              persistent_workers=args.num_workers > 0, collate_fn=collate,
                                              worker_init_fn=functools.partial(ignore_signals, args.stop_signals))
+        end_workers_at_exit(loader)
         return loader if self.stand_in is None else self.stand_in.loader(loader, pin=args.pin_mem)
 
     def evaluation_loader(self, dataset):

@@ -7,9 +7,11 @@ checkpoint at the same step and exit with PREEMPTED_EXIT_CODE. A second signal c
 so it cannot interrupt the save. Loader workers ignore these signals: a terminal's Ctrl-C or a
 signal sent to a whole process group reaches them too, and the training process stops them.
 """
+import atexit
 import os
 import signal
 import threading
+import weakref
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL of sysexits.h: "temporary failure, try again"; a rerun continues
 DEFAULT_STOP_SIGNALS = "TERM,USR1,INT"
@@ -57,3 +59,25 @@ def ignore_signals(names, worker_id=None):
     """A DataLoader worker_init_fn (with functools.partial): the worker ignores `names`."""
     for name in names:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+_LOADERS_AT_EXIT = weakref.WeakSet()
+
+
+def end_workers_at_exit(loader):
+    """Shut `loader`'s persistent workers down when the interpreter exits, before multiprocessing
+    ends its children: it ends them with SIGTERM, which workers that ignore the stop signals never
+    see, and then waits for them for ever (a run whose evaluation loader was still alive at exit
+    hung there). Registered after multiprocessing's own exit hook, so it runs first."""
+    if not _LOADERS_AT_EXIT:
+        atexit.unregister(end_workers)  # once, however often the set empties and fills again
+        atexit.register(end_workers)
+    _LOADERS_AT_EXIT.add(loader)
+
+
+def end_workers():
+    """The workers of every loader given to end_workers_at_exit, shut down (their loaders stay usable)."""
+    for loader in list(_LOADERS_AT_EXIT):
+        iterator = getattr(loader, "_iterator", None)  # a persistent loader keeps its iterator and workers here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
