@@ -160,6 +160,7 @@ def test_no_layer_decay_gives_two_groups_and_timm_builds_the_optimizer():
 @pytest.mark.parametrize("opt", ["adamw", "sgd"])
 def test_the_optimizer_is_fused_where_timm_allows_and_steps_as_the_unfused(opt, monkeypatch):
     args = finetune.get_args_parser().parse_args(["--opt", opt, "--layer_decay", "0.8", "--weight_decay", "0.05"])
+    torch.manual_seed(0)
     models = [timm.create_model("convnextv2_atto", num_classes=5) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     start = {k: v.clone() for k, v in models[0].state_dict().items()}
@@ -175,10 +176,12 @@ def test_the_optimizer_is_fused_where_timm_allows_and_steps_as_the_unfused(opt, 
             optimizer.zero_grad()
             model(images).square().mean().backward()
             optimizer.step()
-    # the same update to rounding (AdamW's first steps are near-sign steps, so a rounding in a tiny
-    # gradient shows as ~2e-6), far below how far the weights moved
+    # the same update to rounding, measured against how far each tensor moved: AdamW's first steps
+    # are near-sign steps, so a rounding in a tiny gradient can show as a whole step in one element
+    # (up to 2e-5 absolute, by the initial weights), yet at most 8.3e-6 of the tensor's movement
+    # (AdamW, 6 initialisations)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+        assert (a - b).norm() <= 1e-4 * (a - start[name]).norm(), name
     assert max((p - start[n]).abs().max().item() for n, p in models[0].named_parameters()) > 1e-3
     assert finetune.fused_option("lamb") == {}  # timm's own optimisers have no fused kernel: built as they are
 
