@@ -290,8 +290,10 @@ def test_a_stop_signal_to_the_launcher_or_one_worker_saves_one_step_for_all(imag
     target = proc.pid if receiver == "launcher" else worker_pid(proc.pid, rank=1)
     os.kill(target, signal.SIGTERM)
     code, stdout, stderr = finish(proc)
-    # the launcher reports workers that did not exit 0 with its own code, 1
-    assert code == 1, stderr[-3000:]
+    # the launcher reports workers that did not exit 0 with its own code, 1; one that received the
+    # signal itself exits from accelerate 1.16 on with 128 + the signal, as a shell reports a signalled process
+    expected = {1, 128 + signal.SIGTERM} if receiver == "launcher" else {1}
+    assert code in expected, stderr[-3000:]
     assert stdout.count("stopped at step") == 1 and f"exit code {PREEMPTED_EXIT_CODE}" in stdout
     step = int(re.search(r"stopped at step (\d+)", stdout).group(1))
     assert checkpoints(out)[-1] == step and step < 18
