@@ -12,6 +12,8 @@ convnextv2_<size>; RandAugment, random erasing, Mixup/CutMix (its per-sample mod
 device, fcmae.data.mixup), the losses and EMA are timm's; the loop, checkpoints, exact resume and
 logs are the engine pretrain.py uses.
 """
+import functools
+import json
 import math
 
 import torch
@@ -26,6 +28,7 @@ from fcmae.config import (
     usage_errors,
 )
 from fcmae.data import Mixup, finetune_datasets
+from fcmae.data.statistics import write_statistics
 from fcmae.models.convnextv2 import create_convnextv2
 from fcmae.optim import fused_option, param_groups
 from fcmae.training.arguments import add_run_arguments, argument_groups, check_run_args, split_list
@@ -33,7 +36,7 @@ from fcmae.training.checkpoint import latest_checkpoint
 from fcmae.training.engine import Run, trainable_parameters
 from fcmae.training.evaluate import evaluate
 from fcmae.training.waits import designed_wait
-from fcmae.weights import load_classifier, save_weights
+from fcmae.weights import load_classifier, read_statistics, save_weights
 
 # What --linear_probe changes: it trains BatchNorm + Linear on frozen features with light
 # augmentation (random resized crop and flip), as MAE's linear probing. These beat a config
@@ -200,7 +203,7 @@ def evaluate_only(args, run, model, eval_set):
     if not source:
         raise ConfigError("--eval true needs weights: --resume (a checkpoint folder or weights file), --finetune, "
                           "or a checkpoint in --output_dir")
-    loaded = run.load_weights(load_classifier, model, source)
+    loaded = run.load_weights(functools.partial(load_classifier, adapt_stem=args.adapt_stem), model, source)
     if not loaded["head_loaded"]:
         raise ConfigError(f"{source} has no classifier for {args.nb_classes} classes ({loaded['head']}); "
                           "evaluate fine-tuned weights")
@@ -272,8 +275,13 @@ def keep_best(run, stats, weights, epoch, model_name):
             best[f"acc1{suffix}"], best[f"epoch{suffix}"] = acc1, epoch
             if run.out and run.args.save_ckpt and run.main_process:
                 with designed_wait("checkpoint"):  # the weights copied to the host
+                    # with the statistics it was trained with, which an evaluation of it reads back
                     save_weights(module.state_dict(), run.out / f"model_best{suffix}.safetensors",
-                                 metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}"})
+                                 metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}",
+                                           "mean": json.dumps(list(run.args.mean)),
+                                           "std": json.dumps(list(run.args.std)),
+                                           **({} if run.args.channel_names is None else
+                                              {"channel_names": json.dumps(list(run.args.channel_names))})})
         stats[f"max_accuracy{suffix}"] = best[f"acc1{suffix}"]
     return best
 
@@ -307,12 +315,17 @@ def main(argv=None):
     args = parse_with_config(parser, argv, overrides=probe_defaults)
     with usage_errors(parser):
         check_args(args)
-        train_set, eval_set, classes = finetune_datasets(args)
+        train_set, eval_set, classes, statistics = finetune_datasets(args, read_statistics(args.resume or args.finetune))
+        args.mean, args.std, args.channel_names = statistics["mean"], statistics["std"], statistics["channel_names"]
         precision, note = mixed_precision(args)
         run = Run(args, "fcmae_finetune", mixed_precision=precision,
                   resume_advice=" and pass pretrained weights with --finetune")
         if note:
             run.say(note)
+        if "images" in statistics and run.out and run.main_process:  # computed: kept for a restart
+            write_statistics(run.out, {k: v for k, v in statistics.items() if k != "source"})
+        if not statistics.get("default"):
+            run.say(f"statistics: {statistics['source']}")
         schedule = run.plan(train_set, args.warmup_epochs, args.warmup_steps)
         set_seed(args.seed)  # the initial weights (the head, when trained from scratch)
         model = build_model(args)
@@ -321,7 +334,8 @@ def main(argv=None):
         if channels_last(args, run):  # before the optimiser takes the parameters
             model.to(memory_format=torch.channels_last)
         model, optimizer = run.start(
-            model, schedule, lambda m: build_optimizer(args, m, schedule.lr), load_classifier,
+            model, schedule, lambda m: build_optimizer(args, m, schedule.lr),
+            functools.partial(load_classifier, adapt_stem=args.adapt_stem),
             weights=[args.finetune], extras=lambda m: model_ema(args, m),
             summary=lambda m: summary(args, m, train_set, classes, run))  # compiled after the EMA copy is made
     unwrapped, ema = run.accelerator.unwrap_model(model), run.modules.get("ema")

@@ -8,6 +8,7 @@ processes, mixed precision and checkpoint state; everything that decides what a 
 (data order, crops, masks, learning rate) is a function of (seed, step), so a resumed run ends
 exactly where the uninterrupted one would have.
 """
+import functools
 import warnings
 
 import torch
@@ -16,12 +17,15 @@ from torchvision.utils import save_image
 
 import fcmae
 from fcmae.config import (
-    COUNT, POSITIVE, POSITIVE_INT, ArgumentParser, ConfigError, number, parse_with_config, str2bool, usage_errors,
+    COUNT, POSITIVE, POSITIVE_INT, ArgumentParser, ConfigError, channel_list, number, parse_with_config, str2bool,
+    usage_errors,
 )
 from fcmae.data import (
     PretrainTransform, Selection, WithMasks, get_decoder, held_out_images, knn_images, normalization, open_images,
-    view_transform,
+    open_source, view_transform,
 )
+from fcmae.data.arrays import rgb_or_grey
+from fcmae.data.statistics import resolve_statistics, write_statistics
 from fcmae.models import (
     BACKEND_CHOICES, BACKENDS, ENCODER_STRIDE, num_visible_patches, resolve_backend,
 )
@@ -79,6 +83,10 @@ def get_args_parser():
     groups["checkpoints"].add_argument("--vis_every", default=0, type=COUNT,
                                        help="a reconstruction picture every N optimiser steps too (0: only at "
                                             "the end of each epoch)")
+    groups["checkpoints"].add_argument("--show_channels", default=None, type=channel_list,
+                                       help="the three channels the pictures show as red, green and blue, or one as "
+                                            "grey (e.g. 3,2,1; counted from 0; default: RGB, the one channel, or "
+                                            "the first three)")
 
     g = p.add_argument_group("monitors: is pretraining working? (logged to log.txt, metrics.json, the tracker and "
                              "output_dir/curves.png)")
@@ -118,6 +126,12 @@ def check_args(args):
         raise ConfigError(backend.compile_refusal(f"--backend {backend.name}", f"use --backend "
                                                   f"{resolve_backend('auto')} with --compile, or leave --compile off"))
     patches = (args.input_size // ENCODER_STRIDE) ** 2
+    if args.decoder == "dali" and not rgb_or_grey(args.in_chans):
+        raise ConfigError(f"--decoder dali decodes RGB and greyscale images, and --in_chans is {args.in_chans}; "
+                          "use --decoder scaled")
+    if args.show_channels is not None and max(args.show_channels) >= args.in_chans:
+        raise ConfigError(f"--show_channels {','.join(map(str, args.show_channels))} names a channel beyond the "
+                          f"{args.in_chans} of --in_chans (channels count from 0)")
     if num_visible_patches(patches, args.mask_ratio) == 0:
         raise ConfigError(f"--input_size {args.input_size} and --mask_ratio {args.mask_ratio} leave no patch visible "
                           f"(int({patches} x {1 - args.mask_ratio:g}) = 0 of {patches}); use a larger --input_size or "
@@ -137,11 +151,12 @@ class Pictures:
     def __init__(self, run, model, images, args):
         self.run, self.model = run, model
         self.folder = run.out / "reconstructions" if run.out else None
-        view = view_transform(args.input_size, args.in_chans)
+        view = view_transform(args.input_size, args.in_chans, args.mean, args.std)
         self.images = torch.stack([view(img) for img in images])
         self.masks = picture_masks(len(self.images), args.input_size, args.mask_ratio, args.seed)
         self.num_visible = num_visible_patches(self.masks.shape[1], args.mask_ratio)  # in every mask
-        self.mean, self.std = normalization(args.in_chans)
+        self.mean, self.std = normalization(args.in_chans, args.mean, args.std)
+        self.show = args.show_channels
         if self.folder and run.main_process:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -154,7 +169,7 @@ class Pictures:
         with designed_wait("reconstruction picture"), run.accelerator.autocast(), \
                 torch.compiler.set_stance("force_eager"):
             grid = reconstruction_grid(self.model, self.images.to(device), self.masks.to(device), self.mean, self.std,
-                                       num_visible=self.num_visible)
+                                       num_visible=self.num_visible, show=self.show)
         self.model.train()
         if self.folder:
             save_image(grid, self.folder / f"{tag}.png")
@@ -163,12 +178,13 @@ class Pictures:
                 {"reconstruction": grid.unsqueeze(0).numpy()}, step=run.state.global_step)
 
 
-def summary(args, model, images, run):
+def summary(args, model, images, run, statistics):
     source = "the sample photographs bundled with scikit-image" if args.data_path is None else args.data_path
+    channels = "" if args.in_chans == 3 else f", {args.in_chans} channels"
     return (f"pretraining {args.model} ({trainable_parameters(model) / 1e6:.1f}M parameters, backend "
-            f"{model.backend}) on {len(images) // args.repeats} images from {source}, {args.input_size}px, "
+            f"{model.backend}) on {len(images) // args.repeats} images from {source}, {args.input_size}px{channels}, "
             f"on {run.world} x {run.device} ({run.precision}"
-            f"{', torch.compile' if args.compile else ''})")
+            f"{', torch.compile' if args.compile else ''}); statistics: {statistics['source']}")
 
 
 def main(argv=None):
@@ -176,12 +192,18 @@ def main(argv=None):
     args = parse_with_config(parser, argv, extra_defaults=demo_defaults)
     with usage_errors(parser):
         check_args(args)
-        images = open_images(args.data_path, PretrainTransform(args.input_size, args.in_chans), seed=args.seed,
-                             repeats=args.repeats, decoder=get_decoder(args.decoder),
-                             selection=Selection(args.data_splits, args.image_column))
+        selection = Selection(args.data_splits, args.image_column)
+        statistics = resolve_statistics(args, lambda: open_source(args.data_path, selection=selection), args.output_dir)
+        # what every transform and picture normalises with
+        args.mean, args.std, args.channel_names = statistics["mean"], statistics["std"], statistics["channel_names"]
+        images = open_images(args.data_path, PretrainTransform(args.input_size, args.in_chans, args.mean, args.std),
+                             seed=args.seed, repeats=args.repeats, decoder=get_decoder(args.decoder),
+                             selection=selection)
         held_out, knn = held_out_images(args), knn_images(args)  # the monitors' data, or None
         shown = (held_out or images).pictures(8)  # the pictures' images; a sentence when none can be read
         run = Run(args, "fcmae_pretrain", mixed_precision=args.mixed_precision)
+        if "images" in statistics and run.out and run.main_process:  # computed: kept for a restart
+            write_statistics(run.out, {k: v for k, v in statistics.items() if k != "source"})
         num_patches = (args.input_size // ENCODER_STRIDE) ** 2
         dataset = WithMasks(images, num_patches, args.mask_ratio, seed=args.seed)  # each image with its mask
         monitors = Monitors(
@@ -197,9 +219,10 @@ def main(argv=None):
         # an explicit checkpoint folder first; then this run's own newest checkpoint, which is further
         # along than --init or a --resume weights file it started from
         model, optimizer = run.start(
-            model, schedule, lambda m: pretraining_optimizer(m, schedule.lr, args.weight_decay), load_into,
+            model, schedule, lambda m: pretraining_optimizer(m, schedule.lr, args.weight_decay),
+            functools.partial(load_into, adapt_stem=args.adapt_stem),
             weights=[args.init], compile_options=dict(fullgraph=True),  # encoder, decoder and loss: one graph
-            summary=lambda m: summary(args, m, images, run))
+            summary=lambda m: summary(args, m, images, run, statistics))
     unwrapped = run.accelerator.unwrap_model(model)
     pictures = Pictures(run, unwrapped, shown, args)
     num_visible = num_visible_patches(num_patches, args.mask_ratio)  # in every mask: no check needs the device
@@ -229,7 +252,9 @@ def main(argv=None):
     run.check_replicas(unwrapped)
     out = run.out
     if out and run.main_process:
-        export(unwrapped, "timm", out / "encoder.safetensors")  # atomic, safetensors, timm layout
+        # atomic, safetensors, timm layout; statistics other than the defaults in its metadata
+        kept = None if statistics.get("default") else statistics
+        export(unwrapped, "timm", out / "encoder.safetensors", statistics=kept)
     run.finish()
     speed = f"{run.images_per_s:.1f} images/s in the last epoch"
     if out:

@@ -108,6 +108,34 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def float_list(text):
+    """An argparse type for per-channel values (--mean, --std): '0.1,0.2,0.3' -> (0.1, 0.2, 0.3)."""
+    try:
+        return tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def name_list(text):
+    """An argparse type for --channel_names: 'B02,B03,B04' -> ('B02', 'B03', 'B04')."""
+    names = tuple(part.strip() for part in str(text).split(","))
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of distinct names")
+    return names
+
+
+def channel_list(text):
+    """An argparse type for --show_channels: '3,2,1' -> (3, 2, 1): three channels (red, green,
+    blue) or one (grey), counted from 0."""
+    try:
+        channels = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        channels = ()
+    if len(channels) not in (1, 3) or min(channels) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three channel numbers (red, green, blue) or one")
+    return channels
+
+
 def load_yaml_config(path, parser):
     """The YAML file's settings as a dict of argument names, checked against the parser."""
     path = Path(path)

@@ -24,18 +24,30 @@ def denormalize(imgs, mean, std):
     return (imgs * std + mean).clamp(0, 1)
 
 
+def contrast(imgs, show):
+    """Channels `show` of normalised images, mean -2 to +2 standard deviations of each channel
+    spread over [0, 1]: a picture of bands that have no colours of their own."""
+    return (imgs[:, list(show)] * 0.25 + 0.5).clamp(0, 1)
+
+
 @torch.no_grad()
-def reconstruction_grid(model, imgs, mask, mean, std, num_visible=None):
+def reconstruction_grid(model, imgs, mask, mean, std, num_visible=None, show=None):
     """A (3, H, W) picture in [0, 1]: one row per image, columns original / masked input /
     reconstruction (visible patches pasted back). num_visible: the visible patches of every mask,
-    when the caller knows it (see FCMAE.prepare_mask)."""
+    when the caller knows it (see FCMAE.prepare_mask). `show`: the channels shown as red, green
+    and blue (or one as grey) with the contrast of `contrast`; by default RGB and greyscale images
+    as they are, other images' first three channels (or first one)."""
     _, pred, _ = model(imgs, mask, num_visible=num_visible)
     recon = model.reconstruct(imgs, pred, mask)
+    if show is None and model.in_chans in (1, 3):
+        original, recon = denormalize(imgs.float(), mean, std), denormalize(recon, mean, std)
+    else:
+        show = show or ((0, 1, 2) if model.in_chans >= 3 else (0,))
+        original, recon = contrast(imgs.float(), show), contrast(recon.float(), show)
     removed = model.unpatchify(mask.float().unsqueeze(-1).expand(-1, -1, model.patch_size ** 2 * model.in_chans),
-                               grid=model.grid_size(imgs))
-    original = denormalize(imgs.float(), mean, std)
+                               grid=model.grid_size(imgs))[:, :original.shape[1]]  # the same in every channel
     masked = original * (1 - removed) + 0.5 * removed  # masked patches shown grey
-    rows = torch.stack([original, masked, denormalize(recon, mean, std)], dim=1).flatten(0, 1)
+    rows = torch.stack([original, masked, recon], dim=1).flatten(0, 1)
     if rows.shape[1] == 1:
         rows = rows.expand(-1, 3, -1, -1)
     return make_grid(rows.cpu(), nrow=3, padding=2, pad_value=1.0)

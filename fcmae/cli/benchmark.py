@@ -72,6 +72,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=COUNT, nargs="+", default=[0, 2],
                         help="with --data: the DataLoader worker counts to measure")
     parser.add_argument("--batches", type=POSITIVE_INT, default=20, help="with --data: timed batches per worker count")
+    parser.add_argument("--in_chans", type=POSITIVE_INT, default=3,
+                        help="the images' channels (as pretrain.py's --in_chans): the steps' inputs, and --data's")
     parser.add_argument("--decoder", nargs="+", default=[DEFAULT_DECODER], choices=list(DECODERS), metavar="NAME",
                         help=f"with --data: the decoders to measure, of {', '.join(DECODERS)} (default: "
                              f"{DEFAULT_DECODER}, pretrain.py's)")
@@ -121,19 +123,19 @@ def build_step(args, model_name, row, device):
     """(step function, model, forward FLOPs per step) of one row, before any compilation."""
     height, width = image_size(args)
     gen = torch.Generator().manual_seed(0)
-    imgs = torch.randn(args.batch_size, 3, height, width, generator=gen).to(device)
+    imgs = torch.randn(args.batch_size, args.in_chans, height, width, generator=gen).to(device)
     channels_last = args.channels_last and row in ("dense", "timm")
     if channels_last:
         imgs = imgs.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
     if row == "timm":
-        model = create_convnextv2(model_name).to(device)
+        model = create_convnextv2(model_name, in_chans=args.in_chans).to(device)
         labels = torch.randint(0, 1000, (args.batch_size,), generator=gen).to(device)
 
         def forward():
             return F.cross_entropy(model(imgs), labels)
     else:
-        model = create_model(model_name, backend=row, mask_ratio=args.mask_ratio).to(device)
+        model = create_model(model_name, backend=row, mask_ratio=args.mask_ratio, in_chans=args.in_chans).to(device)
         mask = model.random_mask(imgs.cpu(), generator=gen).to(device)
         num_visible = model.num_visible(imgs)
 
@@ -276,7 +278,8 @@ def print_steps(args, records):
     height, width = image_size(args)
     memory_kind = "peak CUDA mem" if args.device == "cuda" else "peak RSS growth"
     peak = records[0]["matmul_peak_tflops"]
-    print(f"batch {args.batch_size}, {height}x{width}, mask ratio {args.mask_ratio}, {args.precision}"
+    print(f"batch {args.batch_size}, {height}x{width}, {args.in_chans} channels, mask ratio {args.mask_ratio}, "
+          f"{args.precision}"
           f"{', compiled' if args.compile else ''}{', channels-last' if args.channels_last else ''}, "
           f"{describe_device(args.device)}, torch {torch.__version__}"
           + (f"; bf16 matmul peak {peak:.0f} TFLOP/s" if peak else ""))
@@ -299,11 +302,16 @@ def print_steps(args, records):
 
 # ----- the input pipeline -------------------------------------------------------------------------
 
-def loader_rate(data, input_size, batch_size, num_workers, batches, decoder=DEFAULT_DECODER, device="cpu"):
+def loader_rate(data, input_size, batch_size, num_workers, batches, decoder=DEFAULT_DECODER, device="cpu",
+                in_chans=3):
     """Images/s of pretrain.py's input pipeline (read, crop, decode, flip, collate in the workers;
     conversion and normalisation, and an on-device decoder's decoding, in the main process) with
-    `num_workers` workers, after the first batch (worker start-up) is out of the way."""
-    dataset = open_images(data, PretrainTransform(input_size), decoder=get_decoder(decoder), flag="--data")
+    `num_workers` workers, after the first batch (worker start-up) is out of the way. Images of
+    `in_chans` channels (other than 1 and 3: normalised by 0 and 1, which costs what any
+    statistics cost)."""
+    stats = (None, None) if in_chans in (1, 3) else ((0.0,) * in_chans, (1.0,) * in_chans)
+    dataset = open_images(data, PretrainTransform(input_size, in_chans, *stats), decoder=get_decoder(decoder),
+                          flag="--data")
     if hasattr(dataset.source, "repeats"):  # repeat small random-access data: enough images for every batch
         dataset.source.repeats = -(-(batches + 1) * batch_size // len(dataset))
     sampler = dataset.batch_sampler(batch_size, 1, 1, 0, seed=0)
@@ -330,14 +338,16 @@ def bench_loader(args):
     kind = source_class(args.data).kind
     for decoder in args.decoder:
         for workers in args.num_workers:
-            rate = loader_rate(args.data, size, args.batch_size, workers, args.batches, decoder, device)
+            rate = loader_rate(args.data, size, args.batch_size, workers, args.batches, decoder, device, args.in_chans)
             records.append({"data": str(args.data), "source": kind, "shards": kind == "shards", "decoder": decoder,
+                            "in_chans": args.in_chans,
                             "input_size": list(size), "batch_size": args.batch_size,
                             "device": describe_device(args.device),
                             "num_workers": workers, "images_per_s": rate,
                             "images_per_s_per_worker": rate / workers if workers else None})
-    print(f"input pipeline on {args.data} ({kind}): RandomResizedCrop to {size[0]}x{size[1]}, flip, uint8 to "
-          f"{args.device}, normalised there; batch {args.batch_size}, {args.batches} batches")
+    print(f"input pipeline on {args.data} ({kind}, {args.in_chans} channels): RandomResizedCrop to "
+          f"{size[0]}x{size[1]}, flip, to {args.device}, normalised there; batch {args.batch_size}, {args.batches} "
+          "batches")
     print(f"{'decoder':>8}{'workers':>8}{'images/s':>12}{'per worker':>12}")
     for r in records:
         per = f"{r['images_per_s_per_worker']:.1f}" if r["num_workers"] else "-"

@@ -5,19 +5,24 @@
 
 WEIGHTS is any file fcmae.weights reads that holds the decoder: this project's checkpoints (a
 checkpoint folder or its model.safetensors) or an official main_pretrain.py (MinkowskiEngine)
-checkpoint. The model's size and decoder come from the file. Each image is resized and centre
-cropped to --input_size, masked at random (the same masks for the same --seed) and drawn as one
-row of the picture, as pretrain.py draws its own.
+checkpoint. The model's size, input channels and decoder come from the file, and the input's
+statistics from the run the checkpoint belongs to (its statistics.json) when it kept them. Each
+image (any file pretraining reads: photographs, multi-band TIFFs, .npy arrays) is resized and
+centre cropped to --input_size, masked at random (the same masks for the same --seed) and drawn
+as one row of the picture, as pretrain.py draws its own.
 """
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision.utils import save_image
 
-from fcmae.config import COUNT, ArgumentParser, command_name, number, str2bool
-from fcmae.data import normalization, view_transform
+from fcmae.config import COUNT, ArgumentParser, ConfigError, channel_list, command_name, float_list, number, str2bool
+from fcmae.data import Record, normalization, view_transform
+from fcmae.data.arrays import open_image, pixels_of
+from fcmae.data.decoders.pil import load
+from fcmae.data.images import UNREADABLE
+from fcmae.data.transforms import image_mode
 from fcmae.models import ENCODER_STRIDE, list_models
 from fcmae.visualize import picture_masks, reconstruction_grid
-from fcmae.weights import WeightsError, load_fcmae
+from fcmae.weights import WeightsError, load_fcmae, read_statistics
 
 
 def get_args_parser():
@@ -34,6 +39,12 @@ def get_args_parser():
                    help="the ConvNeXt V2 size the weights must be (default: whatever the file holds)")
     p.add_argument("--norm_pix_loss", default=True, type=str2bool,
                    help="whether the model was trained on normalised target patches (the official recipe)")
+    p.add_argument("--mean", default=None, type=float_list,
+                   help="the per-channel mean the model was trained with (default: the run's, else ImageNet's)")
+    p.add_argument("--std", default=None, type=float_list, help="the per-channel standard deviation, as --mean")
+    p.add_argument("--show_channels", default=None, type=channel_list,
+                   help="the three channels shown as red, green and blue, or one as grey (counted from 0; default: "
+                        "RGB, the one channel, or the first three)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
     return p
 
@@ -57,18 +68,27 @@ def main(argv=None):
     if args.model and args.model != arch.name:
         parser.error(f"{args.weights} holds {arch.name}, not {args.model}; leave --model out or pass {arch.name}")
 
-    view = view_transform(args.input_size, model.in_chans)
+    in_chans = model.in_chans
+    if args.show_channels is not None and max(args.show_channels) >= in_chans:
+        parser.error(f"--show_channels names a channel beyond the {in_chans} the model takes (counted from 0)")
+    kept = read_statistics(args.weights) if args.mean is None and args.std is None else None
+    try:
+        mean, std = normalization(in_chans, *((kept["mean"], kept["std"]) if kept else (args.mean, args.std)))
+    except ConfigError as err:
+        parser.error(f"{args.weights} keeps no statistics of its input, and {err}")
+    view = view_transform(args.input_size, in_chans, mean, std)
     pictures = []
     for path in args.images:
         try:
-            with Image.open(path) as img:
-                pictures.append(view(img.convert("RGB" if model.in_chans == 3 else "L")))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
-            parser.error(f"{path} is not a readable image ({type(err).__name__})")
+            with open_image(Record(0, None, path, path=path), in_chans) as img:
+                pixels = pixels_of(img, in_chans)
+                pictures.append(view(load(img, image_mode(in_chans)) if pixels is None else pixels))
+        except UNREADABLE as err:
+            parser.error(f"{path} is not a readable image ({err if isinstance(err, ValueError) else type(err).__name__})")
     imgs = torch.stack(pictures).to(args.device)
     masks = picture_masks(len(imgs), args.input_size, args.mask_ratio, args.seed)
-    mean, std = normalization(model.in_chans)
-    grid = reconstruction_grid(model.to(args.device).eval(), imgs, masks.to(args.device), mean, std)
+    grid = reconstruction_grid(model.to(args.device).eval(), imgs, masks.to(args.device), mean, std,
+                               show=args.show_channels)
     save_image(grid, args.output)
     print(f"wrote {args.output}: {len(imgs)} image(s), {arch.name}, {args.input_size} px, "
           f"{int(masks[0].sum())} of {masks.shape[1]} patches masked; columns: original, masked input, reconstruction")

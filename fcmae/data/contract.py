@@ -74,7 +74,8 @@ class Crop(NamedTuple):
 class Item(NamedTuple):
     """One sample, or a batch of them (`collate`): the same type for pretraining and fine-tuning.
 
-    image: uint8 (H, W, C) for the paths that ship uint8 (pretraining, evaluation), float32
+    image: uint8 (H, W, C) for the paths that ship uint8 (pretraining, evaluation; float32 for
+        images read as arrays, in the same units: see fcmae.data.arrays), float32
         (C, H, W) normalised for fine-tuning's training transform (RandAugment and random erasing
         work on other types), or what an on-device decoder decodes in the main process (see
         fcmae.data.decoders); fcmae.data.transforms.to_device makes all of them the model's input;
@@ -97,6 +98,8 @@ def collate(items):
     first = items[0]
     images = [item.image for item in items]
     if isinstance(first.image, torch.Tensor):
+        if len({image.dtype for image in images}) > 1:  # 8-bit and 16-bit images of one greyscale run
+            images = [image.float().div_(255) if image.dtype == torch.uint8 else image for image in images]
         images = torch.stack(images)
     else:
         images = type(first.image).collate(images)

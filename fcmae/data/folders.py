@@ -3,11 +3,15 @@ photographs."""
 import os
 from pathlib import Path
 
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS as PILLOW_EXTENSIONS
+from torchvision.datasets.folder import find_classes, make_dataset
 
 from fcmae.config import ConfigError
+from fcmae.data.arrays import ARRAY_EXTENSIONS
 from fcmae.data.contract import Record
 from fcmae.data.indexed import IndexedSource
+
+IMG_EXTENSIONS = PILLOW_EXTENSIONS + ARRAY_EXTENSIONS  # the files a folder's images are
 
 # Real photographs that scikit-image ships (no download at run time); the synthetic ones
 # (chessboard, logo, phantom, ...) are left out.

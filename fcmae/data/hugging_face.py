@@ -10,7 +10,10 @@ dependency (the `hf` extra), imported only when such data is named.
 """
 import bisect
 import glob
+import io
 from pathlib import Path
+
+import numpy as np
 
 from fcmae.config import ConfigError
 from fcmae.data.contract import Record, Selection
@@ -18,6 +21,7 @@ from fcmae.data.indexed import IndexedSource
 
 HUB_PREFIX = "hf:"
 DEFAULT_SPLIT = "train"
+ARRAY_FEATURES = ("Array2D", "Array3D")  # images stored as arrays
 # where a folder in the Hub's layout keeps its Parquet files: at its top, in data/, or in a folder per
 # split (only these are looked in: a folder of a million images is not listed to find out)
 PARQUET_FOLDERS = (".", "data", "train", "validation", "valid", "val", "test")
@@ -120,9 +124,18 @@ def describe(feature):
 
 
 def is_image(feature):
-    """Image features, binary columns and {bytes, path} structs hold encoded images."""
-    return (type(feature).__name__ == "Image" or type(feature).__name__ == "Value" and "binary" in feature.dtype
+    """Image features, binary columns and {bytes, path} structs hold encoded images; Array2D and
+    Array3D features hold images as arrays ((H, W), (C, H, W) or (H, W, C), see fcmae.data.arrays)."""
+    return (type(feature).__name__ in ("Image", *ARRAY_FEATURES)
+            or type(feature).__name__ == "Value" and "binary" in feature.dtype
             or isinstance(feature, dict) and "bytes" in feature)
+
+
+def npy_bytes(array):
+    """`array` as the bytes of a .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def is_label(feature):
@@ -162,6 +175,9 @@ class Part:
         self.dataset = dataset.select_columns([self.image] + ([self.label] if labelled else []))
         if type(features[self.image]).__name__ == "Image":
             self.dataset = self.dataset.cast_column(self.image, datasets_library().Image(decode=False))
+        # an array column is read as numpy arrays, handed on as .npy bytes: the array images' own decoder reads them
+        self.arrays = self.dataset.with_format("numpy", columns=[self.image], output_all_columns=True) \
+            if type(features[self.image]).__name__ in ARRAY_FEATURES else None
         self.classes, self.class_index = None, None
         if labelled:
             self.classes, self.class_index = self.label_names(features[self.label])
@@ -193,8 +209,10 @@ class Part:
         return values if self.class_index is None else [self.class_index[v] for v in values]
 
     def record(self, row, seed_index):
-        values = self.dataset[row]
+        values = (self.dataset if self.arrays is None else self.arrays)[row]
         image = values[self.image]
+        if self.arrays is not None:
+            image = npy_bytes(image)
         data = image.get("bytes") if isinstance(image, dict) else image
         path = image.get("path") if isinstance(image, dict) and data is None else None
         label = None

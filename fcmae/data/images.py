@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from fcmae.config import ConfigError
+from fcmae.data.arrays import open_image, pixels_of
 from fcmae.data.contract import DataError, Item, collate
 from fcmae.data.decoders import FullDecoder, ScaledDecoder
 from fcmae.data.sampling import derive_seed, seeded
@@ -49,11 +50,15 @@ class Images(torch.utils.data.Dataset):
     def load(self, record, seed_index, epoch):
         """`record` transformed with the augmentation of (epoch, seed_index); None when unreadable."""
         try:
-            with seeded(derive_seed(self.seed, "sample", epoch, seed_index)), record.open() as img:
+            with seeded(derive_seed(self.seed, "sample", epoch, seed_index)), self.open(record) as img:
                 return self.transform(img, record, self.decoder)
         except UNREADABLE as err:
             warnings.warn(f"skipping unreadable image {record.name}: {err}", stacklevel=2)
             return None
+
+    def open(self, record):
+        """`record` opened as the transform's channels read it (fcmae.data.arrays.open_image)."""
+        return open_image(record, getattr(self.transform, "in_chans", 3))
 
     def __getitems__(self, keys):
         records = [self.source.record(key) for key in keys]
@@ -112,24 +117,29 @@ class Images(torch.utils.data.Dataset):
         if not isinstance(images, torch.Tensor):  # what an on-device decoder shipped undecoded
             images, failed = self.decoder.decode_batch(images, device)
             skipped += failed
-        return to_device(images, device, self.transform.mean, self.transform.std, channels_last), skipped
+        return to_device(images, device, self.transform.mean, self.transform.std, channels_last,
+                         normalised=getattr(self.transform, "normalised", False)), skipped
 
     def pictures(self, count, scan=10_000):
-        """The first `count` readable images, whole, as PIL images (for the reconstruction pictures),
-        skipping unreadable ones among the first `scan` images; ConfigError (one sentence) when none
-        of them is readable."""
-        pictures, seen = [], 0
+        """The first `count` readable images, whole (for the reconstruction pictures): PIL images, or
+        an array's float (C, H, W) pixels; unreadable ones among the first `scan` images skipped.
+        ConfigError (one sentence, with the first image's problem) when none of them is readable."""
+        pictures, seen, first_problem = [], 0, None
         for record in itertools.islice(self.source.first_records(), scan):
             seen += 1
             try:
-                with record.open() as img:
-                    pictures.append(FullDecoder().whole(img, self.transform.mode))
-            except UNREADABLE:
+                with self.open(record) as img:
+                    pixels = pixels_of(img, getattr(self.transform, "in_chans", 3))
+                    pictures.append(FullDecoder().whole(img, self.transform.mode) if pixels is None else pixels)
+            except UNREADABLE as err:
+                if first_problem is None and isinstance(err, ValueError):  # a reason the file itself gives
+                    first_problem = f"{record.name} {err}"
                 continue
             if len(pictures) == count:
                 break
         if not pictures:
             some = f"the first {seen}" if seen == scan else f"the {seen}"
-            raise ConfigError(f"none of {some} images of {self.source.where} is readable (not an image file, or "
-                              "damaged); check the files, or point --data_path at readable images")
+            why = f" ({first_problem})" if first_problem else " (not an image file, or damaged)"
+            raise ConfigError(f"none of {some} images of {self.source.where} is readable{why}; check the files, or "
+                              "point --data_path at readable images")
         return pictures

@@ -9,15 +9,17 @@ import torch
 from fcmae.models import random_patch_mask
 
 # The streams of random numbers a run draws; each is seeded by derive_seed(seed, stream, keys...).
-STREAMS = {"order": 1, "sample": 2, "mask": 3, "step": 4, "pictures": 5, "shard": 6, "held_out": 7, "knn": 8}
+STREAMS = {"order": 1, "sample": 2, "mask": 3, "step": 4, "pictures": 5, "shard": 6, "held_out": 7, "knn": 8,
+           "norm_stats": 9}
 
 
 def derive_seed(seed, stream, *keys):
     """A 63-bit seed for one use of `stream` ("order": an epoch's data order, or shard order;
     "shard": the order inside one shard; "sample": one sample's augmentation; "mask": one
     sample's patch mask; "step": the global generators of an optimiser step; "pictures": the
-    fixed reconstruction pictures), different for every (seed, keys) and the same on every
-    machine: numpy's SeedSequence hashes them (non-negative ints)."""
+    fixed reconstruction pictures; "norm_stats": the images --norm_stats auto samples), different
+    for every (seed, keys) and the same on every machine: numpy's SeedSequence hashes them
+    (non-negative ints)."""
     words = np.random.SeedSequence([seed, STREAMS[stream], *keys]).generate_state(2, np.uint32)
     return (int(words[0]) << 31) | (int(words[1]) >> 1)
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 from PIL import Image, JpegImagePlugin
 
 from fcmae.config import ConfigError
+from fcmae.data.arrays import NPY_MAGIC, TIFF_MAGICS
 
 # JPEG quality of re-encoded images. Measured on 12-megapixel photos shrunk to 512 (against the same
 # resize stored losslessly): quality 85: 39 kB, 37.3 dB PSNR; 90: 49 kB, 38.4 dB; 95: 71 kB, 40.0 dB.
@@ -57,7 +58,8 @@ def shrink_image(data, max_size, quality=DEFAULT_QUALITY):
     pixels converted to RGB or L, as the loaders would.
     Metadata: EXIF and ICC data are copied. Pixels are never rotated by the EXIF orientation: the
     project's loaders ignore it, so a shrunk image must not differ from its source in that.
-    Unreadable: a file Pillow cannot open, or (when larger) decode, including one over Pillow's
+    Arrays: a `.npy` file, or a TIFF Pillow cannot open (multi-band, float), is kept as it is.
+    Unreadable: any other file Pillow cannot open, or (when larger) decode, including one over Pillow's
     decompression-bomb limit, comes back as it is, UNREADABLE with the reason, so that the loaders
     name and skip it as they always do. A small file whose pixels are broken is not noticed here:
     its pixels are not decoded."""
@@ -67,6 +69,8 @@ def shrink_image(data, max_size, quality=DEFAULT_QUALITY):
                 return Shrunk(data, KEPT)
             return Shrunk(_reencode(img, data, max_size, quality), REENCODED)
     except Exception as err:  # Pillow raises many types for bad data; none may stop a long run
+        if data[:8].startswith(NPY_MAGIC) or data[:4] in TIFF_MAGICS:
+            return Shrunk(data, KEPT)  # an array (.npy, a multi-band TIFF): the loaders read it as it is
         return Shrunk(data, UNREADABLE, f"{type(err).__name__}: {err}")
 
 

@@ -4,13 +4,15 @@ class indices that agree between the parts."""
 from pathlib import Path
 
 from fcmae.config import ConfigError
+from fcmae.data.arrays import rgb_or_grey
 from fcmae.data.contract import Selection
 from fcmae.data.decoders import get_decoder
 from fcmae.data.hugging_face import holds_splits, is_hugging_face
 from fcmae.data.images import Images
 from fcmae.data.indexed import IndexedSource, Subset
-from fcmae.data.registry import open_images
+from fcmae.data.registry import open_images, open_source
 from fcmae.data.sampling import balanced_subset
+from fcmae.data.statistics import resolve_statistics
 from fcmae.data.transforms import EvalTransform, FinetuneTransform, mean_std, normalization
 
 
@@ -55,14 +57,19 @@ def check_class_count(root, classes, nb_classes):
                           f"pass --nb_classes {len(classes)}")
 
 
-def finetune_datasets(args):
-    """(training Images or None, evaluation Images or None, class names) for finetune.py's flags
-    (data_set, data_path, eval_data_path, eval, disable_eval, nb_classes, input_size, in_chans,
-    the augmentation flags, crop_pct, imagenet_default_mean_and_std, decoder, seed); the
-    evaluation's labels are renumbered to the training classes by name."""
+def finetune_datasets(args, weights_statistics=None):
+    """(training Images or None, evaluation Images or None, class names, statistics) for
+    finetune.py's flags (data_set, data_path, eval_data_path, eval, disable_eval, nb_classes,
+    input_size, in_chans, the augmentation flags, crop_pct, the statistics' flags, decoder, seed);
+    the evaluation's labels are renumbered to the training classes by name. The statistics (see
+    fcmae.data.statistics.resolve_statistics) are the weights' when they keep them."""
     (train_root, train_selection), (eval_root, eval_selection) = (
         pair or (None, Selection()) for pair in split_roots(args))
-    mean, std = mean_std(args.imagenet_default_mean_and_std, args.in_chans)
+    default = mean_std(args.imagenet_default_mean_and_std, args.in_chans) if rgb_or_grey(args.in_chans) else None
+    root, chosen = (train_root, train_selection) if train_root is not None else (eval_root, eval_selection)
+    statistics = resolve_statistics(args, lambda: open_source(root, labelled=True, selection=chosen),
+                                    args.output_dir, default, weights_statistics)
+    mean, std = statistics["mean"], statistics["std"]
     decoder = get_decoder(args.decoder)
     folders = args.data_set == "IMNET" and not is_hugging_face(args.data_path)  # <data_path>/train and /val
     flag = "--data_path train/" if folders and not args.eval else "--data_path"
@@ -90,7 +97,7 @@ def finetune_datasets(args):
             classes = evaluation.classes
             check_class_count(eval_root, classes, args.nb_classes)
         label_by_name(evaluation, classes, f"{eval_root} has classes the training data lacks")
-    return train, evaluation, classes
+    return train, evaluation, classes, statistics
 
 
 def label_by_name(dataset, classes, problem):
@@ -106,7 +113,7 @@ def label_by_name(dataset, classes, problem):
 def monitor_view(args):
     """The monitors' fixed view of an image (resize, centre crop: the evaluation's) and its decoder
     (decoded in the loader's workers: `scaled` where pretraining decodes with dali)."""
-    mean, std = normalization(args.in_chans)
+    mean, std = normalization(args.in_chans, args.mean, args.std)
     decoder = get_decoder("scaled" if args.decoder == "dali" else args.decoder)
     return EvalTransform(args.input_size, mean, std, in_chans=args.in_chans), decoder
 

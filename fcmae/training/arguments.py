@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from fcmae.config import COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigError, number, str2bool
+from fcmae.config import (
+    COUNT, NON_NEGATIVE, POSITIVE, POSITIVE_INT, ConfigError, float_list, name_list, number, str2bool,
+)
 from fcmae.data.decoders import DECODERS, DEFAULT_DECODER
 from fcmae.data.hugging_face import parse_splits
 from fcmae.models import ENCODER_STRIDE, list_models
@@ -42,7 +44,12 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
     g.add_argument("--model", default="convnextv2_base", choices=list_models(), metavar="NAME",
                    help=f"ConvNeXt V2 size: {', '.join(list_models())}")
     g.add_argument("--input_size", default=224, type=number(int, ENCODER_STRIDE), help="image side in pixels")
-    g.add_argument("--in_chans", default=3, type=int, choices=[1, 3], help="3 for RGB images, 1 for greyscale")
+    g.add_argument("--in_chans", default=3, type=POSITIVE_INT,
+                   help="the images' channels: 3 for RGB, 1 for greyscale, any other number for multi-band TIFFs and "
+                        ".npy arrays (see docs/channels.md)")
+    g.add_argument("--adapt_stem", default=True, type=str2bool,
+                   help="weights with other input channels than --in_chans (RGB weights for 13 bands) load with their "
+                        "stem adapted as timm adapts it; false refuses them")
 
     g = groups["optimisation"]
     g.add_argument("--batch_size", default=64, type=POSITIVE_INT, help="images per process and micro-step")
@@ -68,6 +75,18 @@ def add_run_arguments(parser, groups, output_dir, data_help, resume_help):
                    "(size them with python -m fcmae.bench --data PATH)")
     g.add_argument("--decoder", default=DEFAULT_DECODER, choices=list(DECODERS),
                    help="how images are decoded: " + "; ".join(f"{k}: {v}" for k, (_, v) in DECODERS.items()))
+    g.add_argument("--mean", default=None, type=float_list,
+                   help="per-channel mean of the pixels (comma-separated, one per channel; 8- and 16-bit images "
+                        "scaled to [0, 1]); default: ImageNet's for RGB and greyscale")
+    g.add_argument("--std", default=None, type=float_list, help="per-channel standard deviation, as --mean")
+    g.add_argument("--norm_stats", default=None, choices=["auto"],
+                   help="auto: --mean and --std computed from --norm_stats_images images of the data (the default "
+                        "for channel counts other than 1 and 3), kept in output_dir/statistics.json")
+    g.add_argument("--norm_stats_images", default=1000, type=POSITIVE_INT,
+                   help="images --norm_stats auto samples (seeded)")
+    g.add_argument("--channel_names", default=None, type=name_list,
+                   help="the channels' names in order (e.g. B02,B03,B04,B08), kept with the statistics and the "
+                        "weights; fine-tuning weights whose names differ is refused")
     g.add_argument("--image_column", default=None,
                    help="Hugging Face datasets: the column of encoded images (default: the one Image column)")
     g.add_argument("--pin_mem", default=True, type=str2bool, help="pinned host memory for faster copies to the GPU")

@@ -14,11 +14,11 @@ wanted, and those are reported.
 files.py reads and writes files, formats.py holds one object per format (FORMATS), reading.py
 converts and loads, writing.py exports.
 """
-from fcmae.weights.files import WeightsError, read_state_dict, save_weights
+from fcmae.weights.files import WeightsError, read_state_dict, read_statistics, save_weights
 from fcmae.weights.formats import EXPORT_FORMATS, FORMATS, Architecture, WeightFormat, detect_format, weight_format
 from fcmae.weights.reading import convert, describe, encoder_state, load, load_classifier, load_fcmae, load_into
 from fcmae.weights.writing import export
 
 __all__ = ["WeightsError", "Architecture", "load", "load_into", "load_fcmae", "load_classifier", "describe",
-           "encoder_state", "export", "save_weights", "convert", "read_state_dict", "WeightFormat", "FORMATS",
-           "EXPORT_FORMATS", "weight_format", "detect_format"]
+           "encoder_state", "export", "save_weights", "read_statistics", "convert", "read_state_dict", "WeightFormat",
+           "FORMATS", "EXPORT_FORMATS", "weight_format", "detect_format"]

@@ -1,10 +1,12 @@
 """Weights files: reading a state dict from any file or folder that holds one, and writing
 files atomically. Every problem is a WeightsError of one sentence."""
 import argparse
+import json
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -92,3 +94,37 @@ def atomic_write(path, write):
     tmp = path.with_name(f".{path.name}.partial")
     write(tmp)
     os.replace(tmp, path)
+
+
+def read_statistics(source):
+    """The input statistics ({"mean", "std", "channel_names", "source"}) the weights at `source`
+    were trained with, where the file keeps them (None elsewhere): a safetensors file's metadata
+    (fcmae's timm export and fine-tuned weights), a Hugging Face folder's config.json (image_mean,
+    image_std), or the statistics.json of the run whose checkpoint folder `source` is, or holds
+    (RUN/checkpoints/checkpoint-N, its model.safetensors)."""
+    if isinstance(source, dict) or not source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        for candidate in (path / "config.json", path.parent.parent / "statistics.json"):
+            if candidate.is_file():
+                values = json.loads(candidate.read_text())
+                mean, std = values.get("image_mean", values.get("mean")), values.get("image_std", values.get("std"))
+                if mean is not None and std is not None:
+                    return statistics_of(mean, std, values.get("channel_names"), candidate)
+        return None
+    if path.suffix == ".safetensors" and path.is_file():
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        if "mean" in metadata and "std" in metadata:
+            names = metadata.get("channel_names")
+            return statistics_of(json.loads(metadata["mean"]), json.loads(metadata["std"]),
+                                 None if names is None else json.loads(names), path)
+    if path.name == "model.safetensors":  # in a checkpoint folder or a Hugging Face one
+        return read_statistics(path.parent)
+    return None
+
+
+def statistics_of(mean, std, names, where):
+    return {"mean": tuple(mean), "std": tuple(std), "channel_names": None if names is None else tuple(names),
+            "source": str(where)}

@@ -23,6 +23,9 @@ from fcmae.models.fcmae import create_model
 from fcmae.weights.files import WeightsError, atomic_write
 
 
+STATISTICS_KEYS = ("mean", "std", "channel_names")  # the input's, kept with the weights where a format can
+
+
 @dataclass
 class Architecture:
     name: str
@@ -103,8 +106,9 @@ class WeightFormat:
         """The classifier tensors of `state`, by timm's names."""
         return {timm_key: state[key] for key, timm_key in self.head_keys.items() if key in state}
 
-    def write(self, tensors, arch, path, pth=False):
-        """Write an encoder's `tensors` (this format's keys) to `path`; returns what the report adds."""
+    def write(self, tensors, arch, path, pth=False, statistics=None):
+        """Write an encoder's `tensors` (this format's keys) to `path`, with the input's `statistics`
+        ({"mean", "std"}) where the format has a place for them; returns what the report adds."""
         raise NotImplementedError
 
 
@@ -134,11 +138,13 @@ class Timm(WeightFormat):
     def head(self, state):  # any head of timm's model, a linear probe's included
         return {k: v for k, v in state.items() if k.startswith("head.")}
 
-    def write(self, tensors, arch, path, pth=False):
+    def write(self, tensors, arch, path, pth=False, statistics=None):
         if pth or path.suffix in (".pth", ".pt"):
             atomic_write(path, lambda tmp: torch.save(tensors, tmp))
         else:
-            metadata = {"model": arch.name, "layout": "timm", "in_chans": str(arch.in_chans)}
+            metadata = {"model": arch.name, "layout": "timm", "in_chans": str(arch.in_chans),
+                        **{key: json.dumps(list(statistics[key])) for key in STATISTICS_KEYS
+                           if statistics and statistics.get(key) is not None}}
             atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return {}
 
@@ -199,7 +205,7 @@ class Official(Renamed):
     block = OFFICIAL_BLOCK
     exportable = True
 
-    def write(self, tensors, arch, path, pth=False):
+    def write(self, tensors, arch, path, pth=False, statistics=None):
         atomic_write(path, lambda tmp: torch.save({"model": tensors}, tmp))
         return {}
 
@@ -242,7 +248,7 @@ class HuggingFace(Renamed):
     block_name = "encoder.stages.{stage}.layers.{block}"
     exportable = True
 
-    def write(self, tensors, arch, path, pth=False):
+    def write(self, tensors, arch, path, pth=False, statistics=None):
         # ConvNextV2Model ends in a LayerNorm (for pooling) that FCMAE never trains: written as
         # the identity, and reported
         spec = MODEL_SPECS[arch.name]
@@ -255,6 +261,10 @@ class HuggingFace(Renamed):
             "hidden_act": "gelu", "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224,
             "initializer_range": 0.02,
         }
+        if statistics:  # where Hugging Face's image processors keep them
+            config.update(image_mean=list(statistics["mean"]), image_std=list(statistics["std"]))
+            if statistics.get("channel_names") is not None:
+                config["channel_names"] = list(statistics["channel_names"])
         atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
         atomic_write(path / "model.safetensors", lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         return {"added": ["layernorm.weight (ones)", "layernorm.bias (zeros)"]}

@@ -70,13 +70,15 @@ def encoder_state(state):
     return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
 
 
-def load_into(model, source, encoder_only=False):
+def load_into(model, source, encoder_only=False, adapt_stem=False):
     """Load `source` into an FCMAE `model` strictly. Weights without a decoder (or encoder_only=True)
-    load into the encoder only. Returns a report: "loaded" (which part), "dropped" (tensors of the
-    source left out: a classifier head, or the decoder with encoder_only), "not_loaded" (model
-    tensors left at their initial values), "architecture" and "extras" (e.g. the epoch)."""
+    load into the encoder only; `adapt_stem`: weights with other input channels than the model's
+    load with their stem adapted (see adapted_stem). Returns a report: "loaded" (which part),
+    "dropped" (tensors of the source left out: a classifier head, or the decoder with
+    encoder_only), "not_loaded" (model tensors left at their initial values), "stem" (how it was
+    adapted, or None), "architecture" and "extras" (e.g. the epoch)."""
     state, extras = read_state_dict(source)
-    return _load_converted(model, *convert(state), extras, encoder_only)
+    return _load_converted(model, *convert(state), extras, encoder_only, adapt_stem)
 
 
 def load_fcmae(source, **kwargs):
@@ -89,10 +91,31 @@ def load_fcmae(source, **kwargs):
     return model, _load_converted(model, ours, arch, dropped, extras)
 
 
-def _load_converted(model, ours, arch, dropped, extras, encoder_only=False):
-    if arch.name != model.encoder.name or arch.in_chans != model.in_chans:
+STEM_KEY = "encoder.stem.0.weight"
+
+
+def adapted_stem(ours, arch, in_chans, allowed):
+    """(`ours` with its stem conv adapted to `in_chans` input channels, a phrase saying how), as
+    timm's adapt_input_conv adapts pretrained stems: to one channel the sum over the weights'
+    channels; to more, their channels repeated and scaled by (theirs / in_chans). Unchanged (and
+    None) when the channels agree; WeightsError when they differ and `allowed` is false."""
+    if arch.in_chans == in_chans:
+        return ours, None
+    if not allowed:
+        raise WeightsError(f"the weights take {arch.in_chans} input channels and the model {in_chans}; leave "
+                           f"--adapt_stem on to adapt the stem, or pass --in_chans {arch.in_chans}")
+    from timm.models import adapt_input_conv
+
+    stem = adapt_input_conv(in_chans, ours[STEM_KEY], base_chans=arch.in_chans)
+    how = "summed over" if in_chans == 1 else f"repeated and scaled by {arch.in_chans}/{in_chans}"
+    return {**ours, STEM_KEY: stem}, f"the stem adapted from {arch.in_chans} to {in_chans} input channels ({how})"
+
+
+def _load_converted(model, ours, arch, dropped, extras, encoder_only=False, adapt=False):
+    if arch.name != model.encoder.name or arch.in_chans != model.in_chans and not adapt:
         raise WeightsError(f"the weights are {arch.name} with {arch.in_chans} input channels, but the model is "
                            f"{model.encoder.name} with {model.in_chans}")
+    ours, stem = adapted_stem(ours, arch, model.in_chans, adapt)
     if arch.has_decoder and not encoder_only:
         missing, unexpected = model.load_state_dict(ours, strict=False)
         _fail_if_any("the weights and the model", list(missing), list(unexpected), [])
@@ -102,26 +125,28 @@ def _load_converted(model, ours, arch, dropped, extras, encoder_only=False):
         dropped = dropped + sorted(k for k in ours if not k.startswith("encoder."))
         part = "encoder"
         not_loaded = sorted(k for k in model.state_dict() if not k.startswith("encoder."))
-    return {"loaded": part, "architecture": arch, "dropped": dropped, "not_loaded": not_loaded, "extras": extras}
+    return {"loaded": part, "architecture": arch, "dropped": dropped, "not_loaded": not_loaded, "stem": stem,
+            "extras": extras}
 
 
-def load_classifier(model, source, head_std=2e-5):
+def load_classifier(model, source, head_std=2e-5, adapt_stem=False):
     """Load `source` (any layout `load` reads) into timm's convnextv2 `model` for fine-tuning.
 
     The trunk loads strictly. The head's LayerNorm loads when the file has one. The classifier
     loads when the file has one of the model's shape; otherwise it is re-initialised (truncated
     normal with std `head_std`, zero bias, as the official fine-tuning); a model whose `head.fc`
     is not a Linear layer (a linear probe) loads it from a file with the same probe, else keeps
-    its own. Returns a report like `load_into`'s, with "head" saying what happened to the
+    its own. `adapt_stem`: weights with other input channels load with their stem adapted (see
+    adapted_stem). Returns a report like `load_into`'s, with "head" saying what happened to the
     classifier and "head_loaded" whether it came from the file."""
     state, extras = read_state_dict(source)
     fmt = detect_format(state)
     ours, arch, _ = convert(state, fmt)
     name, in_chans = model_name(model), model.stem[0].in_channels
-    if (arch.name, arch.in_chans) != (name, in_chans):
+    if arch.name != name:
         raise WeightsError(f"the weights are {arch.name} with {arch.in_chans} input channels, but the model is "
-                           f"{name} with {in_chans}; pass --model {arch.name}" if arch.name != name else
-                           f"the weights take {arch.in_chans} input channels, the model {in_chans}")
+                           f"{name} with {in_chans}; pass --model {arch.name}")
+    ours, stem = adapted_stem(ours, arch, in_chans, adapt_stem)
     target = model.state_dict()
     head = fmt.head(state)
     usable = {k: v for k, v in head.items() if k in target and tuple(v.shape) == tuple(target[k].shape)}
@@ -148,12 +173,14 @@ def load_classifier(model, source, head_std=2e-5):
             head_report = f"probe head starts from its initialisation ({why})"
     not_loaded = sorted(k for k in target if k not in usable and k.startswith("head."))
     return {"loaded": "encoder", "architecture": arch, "dropped": dropped, "not_loaded": not_loaded,
-            "head": head_report, "head_loaded": head_loaded, "extras": extras}
+            "head": head_report, "head_loaded": head_loaded, "stem": stem, "extras": extras}
 
 
 def describe(report, source):
     """One line saying what `load_into` / `load_classifier` loaded from `source` and what not."""
     text = f"loaded the {report['loaded']} from {source}"
+    if report.get("stem"):
+        text += f", {report['stem']}"
     if "head" in report:
         text += f"; {report['head']}"
     elif report["not_loaded"]:
