@@ -171,8 +171,10 @@ def test_n_channel_data_pretrains_exports_loads_into_timm_and_fine_tunes_with_it
 
 
 @pytest.mark.slow
-def test_a_killed_13_band_run_resumes_exactly(tiffs, tmp_path):
-    args = [*RUN, "--data_path", str(tiffs), "--in_chans", str(BANDS), "--save_ckpt_num", "0"]
+@pytest.mark.parametrize("data, channels", [("tiffs", BANDS), ("arrays", 5)])
+def test_a_killed_n_channel_run_resumes_exactly(data, channels, request, tmp_path):
+    args = [*RUN, "--data_path", str(request.getfixturevalue(data)), "--in_chans", str(channels),
+            "--save_ckpt_num", "0"]
     straight = tmp_path / "straight"
     run_pretrain(*args, "--output_dir", straight)  # as the other resume tests: both runs in processes of their own
     killed = tmp_path / "killed"

@@ -2,6 +2,7 @@
 BloodMNIST, beside what fine-tuning the same checkpoints gives with 1% of the labels.
 
     python benchmarks/bloodmnist/knn_monitor.py --npz ../shared/data/bloodmnist.npz    # CPU, about 2 hours
+    python benchmarks/bloodmnist/knn_monitor.py --npz ... --epochs 12 --finetuned 4,8,12  # a shorter schedule
 
 1. prepare.py's class folders at the study's resolution (run.py's "full" preset: atto, 96 px);
 2. pretrain.py with that preset's recipe on the training split only, so that the validation split
@@ -17,6 +18,7 @@ Every step is skipped when its output is complete, so an interrupted run continu
 """
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -26,7 +28,7 @@ sys.path.insert(0, str(HERE))
 from prepare import CLASSES, prepare  # noqa: E402
 from run import FULL, MODEL, RECIPE, ROOT, epochs_logged, evaluation, run, subset_folder  # noqa: E402
 
-FINETUNED_EPOCHS = (5, 15, 30)  # the checkpoints fine-tuned, beside random initialisation
+FINETUNED_EPOCHS = (5, 15, 30)  # the checkpoints fine-tuned by default, beside random initialisation
 FRACTION, SEEDS, FINETUNE_EPOCHS, FINETUNE_BLR = "0.01", (0, 1, 2), 100, 1.6e-2  # run.py's 1% row, pretrained arm
 
 
@@ -35,12 +37,17 @@ def main(argv=None):
     p.add_argument("--npz", required=True, help="bloodmnist.npz (MedMNIST v2)")
     p.add_argument("--work", default=None, help="runs and data (default: runs/bloodmnist_knn)")
     p.add_argument("--results", default=str(HERE / "results"), help="where knn_monitor.json and the plot go")
+    p.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: run.py's full preset's)")
+    p.add_argument("--finetuned", default=",".join(map(str, FINETUNED_EPOCHS)),
+                   help="the epochs whose checkpoints are fine-tuned, comma-separated")
     args = p.parse_args(argv)
+    finetuned_epochs = tuple(int(e) for e in args.finetuned.split(","))
     work = Path(args.work or ROOT / "runs" / "bloodmnist_knn").resolve()
     results = Path(args.results).resolve()
     timings_file = work / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    py, cfg = sys.executable, FULL
+    py, cfg = sys.executable, {**FULL, "pretrain_epochs": args.epochs or FULL["pretrain_epochs"]}
+    save_every = str(math.gcd(*finetuned_epochs))  # a checkpoint at every epoch fine-tuned
     common = ["--model", MODEL, "--input_size", cfg["input_size"], "--device", cfg["device"],
               "--mixed_precision", cfg["mixed_precision"], "--num_workers", cfg["num_workers"]]
     data = prepare(args.npz, work / "data", size=cfg["input_size"], per_class_limit=None)
@@ -50,7 +57,7 @@ def main(argv=None):
     pre = work / "pretrain"
     if len(epochs_logged(pre)) < cfg["pretrain_epochs"]:
         run("pretrain", [py, "pretrain.py", *common, *cfg["pretrain"], *monitors, "--epochs", cfg["pretrain_epochs"],
-                         "--save_ckpt_freq", "5", "--save_ckpt_num", "0", "--data_path", data / "train",
+                         "--save_ckpt_freq", save_every, "--save_ckpt_num", "0", "--data_path", data / "train",
                          "--output_dir", pre, "--seed", cfg["pretrain_seed"]], work, timings)
     untrained = work / "untrained"
     if not epochs_logged(untrained):  # one step at learning rate 0: the initial weights, measured
@@ -60,7 +67,7 @@ def main(argv=None):
 
     labelled = ["--data_set", "image_folder", "--nb_classes", len(CLASSES), "--crop_pct", "1.0", "--log_with", "none"]
     finetuned = {}
-    for start in ("scratch", *FINETUNED_EPOCHS):
+    for start in ("scratch", *finetuned_epochs):
         accs = []
         for seed in SEEDS:
             folder, _ = subset_folder(data / "train", float(FRACTION), seed, work / "subsets" / f"seed{seed}")
@@ -76,7 +83,7 @@ def main(argv=None):
                        "--eval_data_path", data / "test", "--output_dir", work / name]
             accs.append(evaluation(name, "test", command, work, timings)["acc1"])
         finetuned[str(start)] = {"test_acc1": accs, "mean": statistics.mean(accs), "std": statistics.stdev(accs)}
-    return report(pre, untrained, finetuned, results, timings)
+    return report(pre, untrained, finetuned, finetuned_epochs, results, timings)
 
 
 def checkpoint_of(pre, epoch):
@@ -87,7 +94,7 @@ def checkpoint_of(pre, epoch):
     return pre / "checkpoints" / f"checkpoint-{epoch * per_epoch:08d}"
 
 
-def report(pre, untrained, finetuned, results, timings):
+def report(pre, untrained, finetuned, finetuned_epochs, results, timings):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,9 +103,9 @@ def report(pre, untrained, finetuned, results, timings):
     epochs = [0] + [r["epoch"] + 1 for r in log]
     knn = [start["knn_top1"]] + [r["knn_top1"] for r in log]
     held_out = [start["held_out_loss"]] + [r["held_out_loss"] for r in log]
-    knn_at = {e: knn[e] for e in FINETUNED_EPOCHS}
-    by_knn = sorted(FINETUNED_EPOCHS, key=lambda e: knn_at[e])
-    by_finetune = sorted(FINETUNED_EPOCHS, key=lambda e: finetuned[str(e)]["mean"])
+    knn_at = {e: knn[e] for e in finetuned_epochs}
+    by_knn = sorted(finetuned_epochs, key=lambda e: knn_at[e])
+    by_finetune = sorted(finetuned_epochs, key=lambda e: finetuned[str(e)]["mean"])
     summary = {"epochs": epochs, "knn_top1": knn, "knn_top5": [start["knn_top5"]] + [r["knn_top5"] for r in log],
                "held_out_loss": held_out, "train_loss": [None] + [r["train_loss"] for r in log],
                "finetuned_1pct_test_acc1": finetuned, "checkpoints_by_knn": by_knn,
@@ -110,9 +117,9 @@ def report(pre, untrained, finetuned, results, timings):
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(epochs, knn, marker="o", ms=3, color="tab:blue", label="k-NN top-1 (validation)")
     ax.set(xlabel="pretraining epoch", ylabel="top-1 %", title=f"BloodMNIST, {MODEL}: k-NN monitor and fine-tuning")
-    xs = [0] + list(FINETUNED_EPOCHS)
-    ys = [finetuned["scratch"]["mean"]] + [finetuned[str(e)]["mean"] for e in FINETUNED_EPOCHS]
-    errs = [finetuned["scratch"]["std"]] + [finetuned[str(e)]["std"] for e in FINETUNED_EPOCHS]
+    xs = [0] + list(finetuned_epochs)
+    ys = [finetuned["scratch"]["mean"]] + [finetuned[str(e)]["mean"] for e in finetuned_epochs]
+    errs = [finetuned["scratch"]["std"]] + [finetuned[str(e)]["std"] for e in finetuned_epochs]
     ax.errorbar(xs, ys, yerr=errs, color="tab:orange", marker="s", capsize=4, linestyle="--",
                 label="fine-tuned, 1% labels (test; epoch 0: from scratch)")
     ax.legend(fontsize="small", loc="lower right")
