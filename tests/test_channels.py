@@ -14,15 +14,14 @@ from timm.models import adapt_input_conv
 from torchvision.transforms import functional as F
 
 import fcmae
-import finetune
-import pretrain
+from fcmae.cli.reconstruct_images import main as reconstruct_main
 from fcmae.data import EvalTransform, FolderSource, PretrainTransform, Record, seeded
 from fcmae.data.arrays import channels_first
 from fcmae.data.statistics import channel_statistics, sample_records, whole_pixels
 from fcmae.training.monitors import pooled_features
-from fcmae.cli.reconstruct_images import main as reconstruct_main
 from fcmae.weights import export, load_into
-from test_pretrain import final_params, kill_at_checkpoint, run_pretrain
+from test_finetune import finetune
+from test_pretrain import final_params, kill_at_checkpoint, pretrain, run_pretrain
 
 BANDS = 13
 RUN = ["--model", "convnextv2_atto", "--input_size", "64", "--batch_size", "4", "--epochs", "2", "--num_workers", "0",

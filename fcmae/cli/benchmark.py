@@ -345,7 +345,7 @@ def bench_loader(args):
                             "device": describe_device(args.device),
                             "num_workers": workers, "images_per_s": rate,
                             "images_per_s_per_worker": rate / workers if workers else None})
-    print(f"input pipeline on {args.data} ({kind}, {args.in_chans} channels): RandomResizedCrop to "
+    print(f"input pipeline on {args.data} ({kind}): {args.in_chans} channels, RandomResizedCrop to "
           f"{size[0]}x{size[1]}, flip, to {args.device}, normalised there; batch {args.batch_size}, {args.batches} "
           "batches")
     print(f"{'decoder':>8}{'workers':>8}{'images/s':>12}{'per worker':>12}")
