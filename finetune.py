@@ -13,7 +13,6 @@ device, fcmae.data.mixup), the losses and EMA are timm's; the loop, checkpoints,
 logs are the engine pretrain.py uses.
 """
 import functools
-import json
 import math
 
 import torch
@@ -37,6 +36,7 @@ from fcmae.training.engine import Run, trainable_parameters
 from fcmae.training.evaluate import evaluate
 from fcmae.training.waits import designed_wait
 from fcmae.weights import load_classifier, read_statistics, save_weights
+from fcmae.weights.files import statistics_metadata
 
 # What --linear_probe changes: it trains BatchNorm + Linear on frozen features with light
 # augmentation (random resized crop and flip), as MAE's linear probing. These beat a config
@@ -278,10 +278,7 @@ def keep_best(run, stats, weights, epoch, model_name):
                     # with the statistics it was trained with, which an evaluation of it reads back
                     save_weights(module.state_dict(), run.out / f"model_best{suffix}.safetensors",
                                  metadata={"model": model_name, "epoch": str(epoch), "acc1": f"{acc1:.4f}",
-                                           "mean": json.dumps(list(run.args.mean)),
-                                           "std": json.dumps(list(run.args.std)),
-                                           **({} if run.args.channel_names is None else
-                                              {"channel_names": json.dumps(list(run.args.channel_names))})})
+                                           **statistics_metadata(vars(run.args))})
         stats[f"max_accuracy{suffix}"] = best[f"acc1{suffix}"]
     return best
 

@@ -16,10 +16,8 @@ from torchvision.utils import save_image
 
 from fcmae.config import COUNT, ArgumentParser, ConfigError, channel_list, command_name, float_list, number, str2bool
 from fcmae.data import Record, normalization, view_transform
-from fcmae.data.arrays import open_image, pixels_of
-from fcmae.data.decoders.pil import load
+from fcmae.data.arrays import open_image, whole_image
 from fcmae.data.images import UNREADABLE
-from fcmae.data.transforms import image_mode
 from fcmae.models import ENCODER_STRIDE, list_models
 from fcmae.visualize import picture_masks, reconstruction_grid
 from fcmae.weights import WeightsError, load_fcmae, read_statistics
@@ -81,8 +79,7 @@ def main(argv=None):
     for path in args.images:
         try:
             with open_image(Record(0, None, path, path=path), in_chans) as img:
-                pixels = pixels_of(img, in_chans)
-                pictures.append(view(load(img, image_mode(in_chans)) if pixels is None else pixels))
+                pictures.append(view(whole_image(img, in_chans)))
         except UNREADABLE as err:
             parser.error(f"{path} is not a readable image ({err if isinstance(err, ValueError) else type(err).__name__})")
     imgs = torch.stack(pictures).to(args.device)

@@ -25,6 +25,8 @@ import torch
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 
+from fcmae.data.decoders.pil import load
+
 NPY_MAGIC = b"\x93NUMPY"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 ARRAY_EXTENSIONS = (".npy",)  # beyond torchvision's IMG_EXTENSIONS, which has .tif and .tiff
@@ -35,6 +37,11 @@ FLOAT_TYPES = (np.float16, np.float32, np.float64)  # float64 becomes float32: t
 
 def rgb_or_grey(in_chans):
     return in_chans in (1, 3)
+
+
+def image_mode(in_chans):
+    """The Pillow mode of the RGB or greyscale path; None for other channel counts (arrays only)."""
+    return {3: "RGB", 1: "L"}.get(in_chans)
 
 
 def kind_of(record):
@@ -87,6 +94,12 @@ def pixels_of(img, in_chans):
         return None
     img.load()
     return channels_first(np.asarray(img), in_chans)
+
+
+def whole_image(img, in_chans):
+    """An opened image whole: Pillow's, loaded as RGB or greyscale, or an array's float (C, H, W) pixels."""
+    pixels = pixels_of(img, in_chans)
+    return load(img, image_mode(in_chans)) if pixels is None else pixels
 
 
 def channels_first(array, in_chans):

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from fcmae.config import ConfigError
-from fcmae.data.arrays import open_image, pixels_of
+from fcmae.data.arrays import open_image, whole_image
 from fcmae.data.contract import DataError, Item, collate
-from fcmae.data.decoders import FullDecoder, ScaledDecoder
+from fcmae.data.decoders import ScaledDecoder
 from fcmae.data.sampling import derive_seed, seeded
 from fcmae.data.transforms import to_device
 
@@ -129,8 +129,7 @@ class Images(torch.utils.data.Dataset):
             seen += 1
             try:
                 with self.open(record) as img:
-                    pixels = pixels_of(img, getattr(self.transform, "in_chans", 3))
-                    pictures.append(FullDecoder().whole(img, self.transform.mode) if pixels is None else pixels)
+                    pictures.append(whole_image(img, getattr(self.transform, "in_chans", 3)))
             except UNREADABLE as err:
                 if first_problem is None and isinstance(err, ValueError):  # a reason the file itself gives
                     first_problem = f"{record.name} {err}"

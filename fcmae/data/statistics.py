@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from fcmae.config import ConfigError
-from fcmae.data.arrays import open_image, pixels_of, rgb_or_grey
-from fcmae.data.decoders.pil import load, to_tensor
+from fcmae.data.arrays import open_image, rgb_or_grey, whole_image
+from fcmae.data.decoders.pil import to_tensor
 from fcmae.data.indexed import IndexedSource
 from fcmae.data.sampling import derive_seed
-from fcmae.data.transforms import image_mode, normalization
+from fcmae.data.transforms import normalization
 
 STATISTICS_FILE = "statistics.json"
 
@@ -41,10 +41,10 @@ def sample_records(source, count, seed):
 def whole_pixels(record, in_chans):
     """A record's whole image as float (C, H, W) in the model's units."""
     with open_image(record, in_chans) as img:
-        pixels = pixels_of(img, in_chans)
-        if pixels is None:  # Pillow's RGB or greyscale path: 8 bits, scaled as ToTensor scales them
-            pixels = to_tensor(load(img, image_mode(in_chans))).permute(2, 0, 1).float() / 255
-        return pixels
+        image = whole_image(img, in_chans)
+    if isinstance(image, torch.Tensor):
+        return image
+    return to_tensor(image).permute(2, 0, 1).float() / 255  # 8 bits, scaled as ToTensor scales them
 
 
 def channel_statistics(source, in_chans, count, seed):

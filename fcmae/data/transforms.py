@@ -25,7 +25,7 @@ from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpola
 from torchvision import transforms
 
 from fcmae.config import ConfigError
-from fcmae.data.arrays import channels_last, crop_array, pixels_of, rgb_or_grey
+from fcmae.data.arrays import channels_last, crop_array, image_mode, pixels_of, rgb_or_grey
 from fcmae.data.contract import Crop
 from fcmae.data.decoders.pil import to_tensor
 
@@ -57,11 +57,6 @@ def mean_std(imagenet_default_mean_and_std=True, in_chans=3):
     if imagenet_default_mean_and_std or in_chans != 3:
         return normalization(in_chans)
     return IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-
-
-def image_mode(in_chans):
-    """The Pillow mode of the RGB or greyscale path; None for other channel counts (arrays only)."""
-    return {3: "RGB", 1: "L"}.get(in_chans)
 
 
 def pair(size):

@@ -125,6 +125,16 @@ def read_statistics(source):
     return None
 
 
+STATISTICS_KEYS = ("mean", "std", "channel_names")  # the input's, kept with the weights where a format can
+
+
+def statistics_metadata(statistics):
+    """`statistics` ({"mean", "std", "channel_names"}, or None) as safetensors metadata entries, which
+    read_statistics reads back."""
+    return {key: json.dumps(list(statistics[key])) for key in STATISTICS_KEYS
+            if statistics and statistics.get(key) is not None}
+
+
 def statistics_of(mean, std, names, where):
     return {"mean": tuple(mean), "std": tuple(std), "channel_names": None if names is None else tuple(names),
             "source": str(where)}

@@ -20,10 +20,7 @@ from safetensors.torch import save_file
 
 from fcmae.models.convnextv2 import MODEL_SPECS
 from fcmae.models.fcmae import create_model
-from fcmae.weights.files import WeightsError, atomic_write
-
-
-STATISTICS_KEYS = ("mean", "std", "channel_names")  # the input's, kept with the weights where a format can
+from fcmae.weights.files import WeightsError, atomic_write, statistics_metadata
 
 
 @dataclass
@@ -143,8 +140,7 @@ class Timm(WeightFormat):
             atomic_write(path, lambda tmp: torch.save(tensors, tmp))
         else:
             metadata = {"model": arch.name, "layout": "timm", "in_chans": str(arch.in_chans),
-                        **{key: json.dumps(list(statistics[key])) for key in STATISTICS_KEYS
-                           if statistics and statistics.get(key) is not None}}
+                        **statistics_metadata(statistics)}
             atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         return {}
 
