@@ -87,7 +87,7 @@ def test_bench_prints_every_backend_and_timm(tmp_path):
     result = run("-m", "fcmae.bench", "--batch_size", "1", "--input_size", "64", "96",
                  "--steps", "1", "--warmup", "0", "--json", tmp_path / "bench.json")
     assert result.returncode == 0, result.stderr
-    assert "batch 1, 64x96, mask ratio 0.6, fp32" in result.stdout
+    assert "batch 1, 64x96, 3 channels, mask ratio 0.6, fp32" in result.stdout
     assert "whole training step (forward, backward, AdamW)" in result.stdout
     rows = bench_rows(result.stdout)
     assert set(rows) == set(BACKEND_NAMES) | {"timm"}
