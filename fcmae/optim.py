@@ -8,6 +8,7 @@ the scheduled lr by each group's "lr_scale" (as timm's schedulers do).
 import functools
 import inspect
 import math
+import re
 
 import torch
 
@@ -24,19 +25,37 @@ def no_weight_decay(name, param):
     )
 
 
+# a parameter of a ConvNeXt V2 trunk, at the top of timm's model or inside a larger one (a detector's
+# backbone.body.trunk.stages.0..., timm's features_only stages_0...)
+TRUNK_NAME = re.compile(r"(?:^|.*\.)(?:(stem)[._]|stages[._](\d+)\.(?:(downsample)\.|blocks\.(\d+)\.))")
+STAGE_BLOCKS = re.compile(r"(?:^|.*\.)stages[._](\d+)\.blocks")
+
+
 def _stage_block(name):
-    """(kind, stage, block) of a parameter of timm's ConvNeXt V2: kind is "stem", "downsample",
-    "block" or "other" (the head, and anything outside the trunk)."""
-    parts = name.split(".")
-    if parts[0] == "stem":
+    """(kind, stage, block) of a parameter of timm's ConvNeXt V2, or of a model that holds one: kind
+    is "stem", "downsample", "block" or "other" (the head, and anything outside the trunk)."""
+    match = TRUNK_NAME.match(name)
+    if match is None:
+        return "other", None, None
+    stem, stage, downsample, block = match.groups()
+    if stem:
         return "stem", 0, None
-    if parts[0] == "stages" and len(parts) > 2:
-        stage = int(parts[1])
-        if parts[2] == "downsample":
-            return "downsample", stage, None
-        if parts[2] == "blocks":
-            return "block", stage, int(parts[3])
-    return "other", None, None
+    if downsample:
+        return "downsample", int(stage), None
+    return "block", int(stage), int(block)
+
+
+def trunk_depths(model):
+    """The blocks per stage of the ConvNeXt V2 trunk in `model` (timm's model, or a detector or
+    segmenter built on one), from its modules' names."""
+    depths = {}
+    for name, module in model.named_modules():
+        if (match := STAGE_BLOCKS.fullmatch(name)) is not None:
+            depths[int(match.group(1))] = len(module)
+    if sorted(depths) != list(range(len(depths))) or not depths:
+        raise ValueError("layer-wise lr decay needs a ConvNeXt V2 trunk (modules named stages.N.blocks); "
+                         "this model has none")
+    return [depths[i] for i in range(len(depths))]
 
 
 def layer_id(name, depths, layer_decay_type="single"):
@@ -77,13 +96,15 @@ def param_groups(model, weight_decay, layer_decay=None, layer_decay_type="single
     """AdamW parameter groups of `model`'s trainable parameters.
 
     Without layer decay (None or 1.0): one decayed group and one with weight_decay 0, lr_scale 1
-    (works for any model). With it, `model` is timm's convnextv2 (or anything with its names and a
-    `stages` list) and each (layer id, decay or not) pair gets a group with lr_scale
-    layer_decay ** (num_layers + 1 - id), ordered by layer id.
+    (works for any model). With it, `model` is timm's convnextv2 or a model holding one (a
+    torchvision detector on fcmae.models.downstream's backbone, timm's features_only model: the
+    trunk is found by its stem and stages' names), and each (layer id, decay or not) pair gets a
+    group with lr_scale layer_decay ** (num_layers + 1 - id), ordered by layer id; everything
+    outside the trunk (a head, a pyramid, a detector's heads) has lr_scale 1.
     """
     use_layers = layer_decay is not None and layer_decay != 1.0
     if use_layers:
-        depths = [len(stage.blocks) for stage in model.stages]
+        depths = trunk_depths(model)
         top = num_layers(depths, layer_decay_type)
     groups = {}
     for name, param in model.named_parameters():

@@ -6,8 +6,9 @@ import re
 import torch
 
 from fcmae.layouts import their_shape, to_ours
-from fcmae.models.convnextv2 import model_name
-from fcmae.weights.files import WeightsError, read_state_dict
+from fcmae.models.convnextv2 import create_convnextv2, model_name
+from fcmae.models.downstream import Backbone
+from fcmae.weights.files import WeightsError, read_state_dict, read_statistics
 from fcmae.weights.formats import detect_format, reference_shapes
 
 
@@ -174,6 +175,34 @@ def load_classifier(model, source, head_std=2e-5, adapt_stem=False):
     not_loaded = sorted(k for k in target if k not in usable and k.startswith("head."))
     return {"loaded": "encoder", "architecture": arch, "dropped": dropped, "not_loaded": not_loaded,
             "head": head_report, "head_loaded": head_loaded, "stem": stem, "extras": extras}
+
+
+def load_timm(source, num_classes=None, **kwargs):
+    """(timm's convnextv2 of the weights' size and input channels, loaded by `load_classifier`; its
+    report). `num_classes` None: as many classes as the weights' classifier has, or none (0: the
+    model ends in its pooled features) when they have none. Keyword arguments go to
+    timm.create_model (drop_path_rate, ...)."""
+    state, _ = read_state_dict(source)
+    fmt = detect_format(state)
+    arch = fmt.architecture(state)
+    head = fmt.head(state)
+    if num_classes is None:
+        num_classes = int(head["head.fc.weight"].shape[0]) if "head.fc.weight" in head else 0
+    model = create_convnextv2(arch.name, in_chans=arch.in_chans, num_classes=num_classes, **kwargs)
+    report = load_classifier(model, state)
+    if num_classes == 0:
+        report["head"], report["head_loaded"] = "no classifier", False
+    return model, report
+
+
+def load_backbone(source, out_indices=(0, 1, 2, 3), **kwargs):
+    """(fcmae.models.downstream.Backbone of `source`'s trunk, loaded strictly by `load_timm`, with
+    the input statistics the weights keep (ImageNet's where they keep none); the load report).
+    Keyword arguments go to timm.create_model (drop_path_rate, ...)."""
+    trunk, report = load_timm(source, num_classes=0, **kwargs)
+    statistics = read_statistics(source)
+    kept = {"mean": statistics["mean"], "std": statistics["std"]} if statistics else {}
+    return Backbone(trunk, out_indices, **kept), report
 
 
 def describe(report, source):
