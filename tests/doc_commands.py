@@ -1,8 +1,8 @@
 """The commands in the documentation, checked against the tools they run.
 
 For every fenced code block of README.md, docs/**/*.md and configs/README.md, every command that
-runs one of this project's tools (`python X.py`, `python -m fcmae.X`, `accelerate launch ... X.py`,
-`torchrun ... X.py`, an `fcmae-*` console script of setup.cfg) must parse: the tool's `--help`
+runs one of this project's tools (`python X.py`, `python -m fcmae.X`, `accelerate launch ... X.py`
+or `-m fcmae.X`, `torchrun ... X.py`, an `fcmae-*` console script of setup.cfg) must parse: the tool's `--help`
 exits 0 and names each `--flag` the command gives it. Flags before the script of a launcher
 belong to the launcher and are checked against the launcher's own help.
 
@@ -131,6 +131,8 @@ def tool_use(command):
     for i, token in enumerate(args):
         if is_project_script(token):
             return Use(token, flags_in(args[i + 1:]), launcher, tuple(flags_in(args[:i])))
+        if token == "-m" and i + 1 < len(args) and args[i + 1].startswith("fcmae."):  # a launched module
+            return Use(args[i + 1], flags_in(args[i + 2:]), launcher, tuple(flags_in(args[:i])))
     return None
 
 

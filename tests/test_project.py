@@ -192,7 +192,7 @@ def test_no_two_modules_share_a_name():
     """A name says which module is meant (the commands' five-line `python -m` entries excepted:
     they only name the command in fcmae/cli they run)."""
     names = [p.name for p in (ROOT / "fcmae").rglob("*.py") if p.name != "__init__.py"]
-    entries = {"export.py", "shards.py", "shrink.py", "reconstruct.py", "bench.py", "curves.py"}
+    entries = {"export.py", "shards.py", "shrink.py", "reconstruct.py", "bench.py", "curves.py", "embed.py"}
     assert all((ROOT / "fcmae" / name).stat().st_size < 300 for name in entries)  # an entry, not code
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
 

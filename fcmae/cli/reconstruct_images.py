@@ -15,12 +15,13 @@ import torch
 from torchvision.utils import save_image
 
 from fcmae.config import COUNT, ArgumentParser, ConfigError, channel_list, command_name, float_list, number, str2bool
-from fcmae.data import Record, normalization, view_transform
+from fcmae.data import Record, view_transform
 from fcmae.data.arrays import open_image, whole_image
 from fcmae.data.images import UNREADABLE
+from fcmae.data.statistics import statistics_for
 from fcmae.models import ENCODER_STRIDE, list_models
 from fcmae.visualize import picture_masks, reconstruction_grid
-from fcmae.weights import WeightsError, load_fcmae, read_statistics
+from fcmae.weights import WeightsError, load_fcmae
 
 
 def get_args_parser():
@@ -69,11 +70,10 @@ def main(argv=None):
     in_chans = model.in_chans
     if args.show_channels is not None and max(args.show_channels) >= in_chans:
         parser.error(f"--show_channels names a channel beyond the {in_chans} the model takes (counted from 0)")
-    kept = read_statistics(args.weights) if args.mean is None and args.std is None else None
     try:
-        mean, std = normalization(in_chans, *((kept["mean"], kept["std"]) if kept else (args.mean, args.std)))
+        mean, std = statistics_for(args.weights, in_chans, args.mean, args.std)
     except ConfigError as err:
-        parser.error(f"{args.weights} keeps no statistics of its input, and {err}")
+        parser.error(str(err))
     view = view_transform(args.input_size, in_chans, mean, std)
     pictures = []
     for path in args.images:

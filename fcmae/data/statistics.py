@@ -141,3 +141,16 @@ def channel_names(args, weights=None):
         raise ConfigError(f"the weights {weights['source']} were trained on the channels {','.join(theirs)}, and "
                           f"--channel_names is {','.join(names)}; give the data in the weights' order")
     return tuple(names) if names is not None else tuple(theirs) if theirs is not None else None
+
+
+def statistics_for(weights, in_chans, mean=None, std=None):
+    """(mean, std) a command that runs `weights` normalises with: --mean/--std when given, else
+    those the weights keep (fcmae.weights.read_statistics), else the defaults of `normalization`;
+    ConfigError (one sentence) when none applies."""
+    from fcmae.weights import read_statistics
+
+    kept = read_statistics(weights) if mean is None and std is None else None
+    try:
+        return normalization(in_chans, *((kept["mean"], kept["std"]) if kept else (mean, std)))
+    except ConfigError as err:
+        raise ConfigError(f"{weights} keeps no statistics of its input, and {err}") from None
