@@ -1,6 +1,7 @@
 """Weights in and out: exports load where they should and give the same outputs; imports are
 exact and strict."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 from timm.models.convnext import checkpoint_filter_fn
 
 import fcmae
 from fcmae import weights
+from fcmae.cli import export_weights
 from fcmae.weights import WeightsError
 from conftest import rel_err
 
@@ -279,6 +282,122 @@ def test_a_format_added_to_formats_alone_is_read_exported_and_gives_heads(monkey
         weights.export(model, "minkowski", tmp_path / "x")
 
 
+def read_card(folder):
+    """(the YAML metadata block, the whole text) of a Hugging Face export's README.md."""
+    text = (Path(folder) / "README.md").read_text()
+    assert text.startswith("---\n")
+    front = text.split("---\n", 2)[1]
+    return yaml.safe_load(front), text
+
+
+def export_cli(capsys, *args):
+    """python -m fcmae.export ARGS in this process: (exit code, stdout, stderr)."""
+    try:
+        export_weights.main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def fine_tuning_run(root, finetune_from):
+    """A fine-tuning run's folder as finetune.py leaves it (written here: the record's files as the
+    engine writes them, and the best weights), started from `finetune_from`."""
+    run = root / "atto_ft"
+    (run / "checkpoints" / "checkpoint-00000006").mkdir(parents=True)
+    args = {"model": "convnextv2_atto", "data_path": str(root / "data"), "data_set": "image_folder", "epochs": 2,
+            "batch_size": 4, "update_freq": 2, "blr": 2e-4, "lr": None, "warmup_epochs": 0, "weight_decay": 0.3,
+            "input_size": 64, "in_chans": 3, "nb_classes": 3, "linear_probe": False, "finetune": str(finetune_from),
+            "resume": "", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "channel_names": None}
+    (run / "args.json").write_text(json.dumps(args, indent=2))
+    state = {"format": 2, "train_state": {"epoch": 2, "step_in_epoch": 0, "global_step": 6, "epoch_sums": {},
+                                          "script": {"best": {"acc1": 77.7778, "epoch": 0}}},
+             "run": {"eff_batch": 8, "steps_per_epoch": 3, "batch_size": 4, "update_freq": 2, "processes": 1},
+             "scaler": None}
+    (run / "checkpoints" / "checkpoint-00000006" / "state.json").write_text(json.dumps(state))
+    metrics = {"epoch": 1, "data": str(root / "data" / "val"), "test_loss": 1.0123, "test_acc1": 66.6667,
+               "test_acc5": 100.0, "test_images": 9, "max_accuracy": 77.7778, "best": {"acc1": 77.7778, "epoch": 0}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    classifier = timm.create_model("convnextv2_atto", num_classes=3)
+    weights.save_weights(classifier.state_dict(), run / "model_best.safetensors",
+                         metadata={"model": "convnextv2_atto", "epoch": "0", "acc1": "77.7778"})
+    return run
+
+
+@pytest.mark.parametrize("started_from,licence", [("own", "MIT"), ("official_name", None)])
+def test_the_model_card_of_a_fine_tuned_model_tells_its_run_and_results(started_from, licence, tmp_path, capsys):
+    if started_from == "own":  # this project's encoder, in its own layout: nothing to warn of
+        start = weights.export(fcmae.create_model("convnextv2_atto"), "timm", tmp_path / "encoder.safetensors")[0]
+    else:  # no longer there, but named as the official releases are
+        start = tmp_path / "gone" / "convnextv2_atto_1k_224_fcmae.pt"
+    run = fine_tuning_run(tmp_path, start)
+    code, out, err = export_cli(capsys, run / "model_best.safetensors", "--format", "hf", "--output",
+                                tmp_path / "atto-ft", *(["--license", licence] if licence else []))
+    assert code == 0, err
+    meta, card = read_card(tmp_path / "atto-ft")
+    assert meta["license"] == (licence.lower() if licence else "other")
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "image-feature-extraction"
+    assert {"convnextv2", "fcmae", "image-feature-extraction"} <= set(meta["tags"])
+    (result,) = meta["model-index"][0]["results"]
+    assert result["task"]["type"] == "image-classification"
+    assert result["dataset"] == {"name": str(tmp_path / "data" / "val"), "type": "imagefolder"}
+    assert [(m["name"], m["value"]) for m in result["metrics"]] == [("top-1 accuracy", 66.6667),
+                                                                      ("top-5 accuracy", 100.0)]
+    for line in ("- Training: fine-tuning with fcmae, run folder `atto_ft`.",
+                 "effective batch 8 (4 per process x 2 accumulation x 1 processes), blr 0.0002, lr 6.25e-06",
+                 f"- Started from: `--finetune {start}`.",
+                 "- Steps: global step 6, epoch 2 in progress with 0 of its steps done (state.json of "
+                 "checkpoint-00000006)",
+                 f"The run's latest evaluation (metrics.json, epoch 1, on `{tmp_path / 'data' / 'val'}`)",
+                 "- top-1 accuracy: 66.67%", "- top-5 accuracy: 100.00%", "- loss: 1.0123",
+                 "- best top-1 accuracy of the run: 77.78% at epoch 0",
+                 "- Normalisation: mean (0.5, 0.4, 0.3), std (0.2, 0.2, 0.2)",
+                 'ConvNextV2Model.from_pretrained("atto-ft")', 'upload_folder(folder_path="atto-ft"'):
+        assert line in card, line
+    assert ("the licence was not stated" in card) == (licence is None)
+    if started_from == "own":
+        assert "Licence warning" not in card and "warning" not in out
+    else:
+        why = f"their run started from --finetune {start}, and convnextv2_atto_1k_224_fcmae.pt is named as the"
+        assert "warning: these weights may descend from the official ConvNeXt V2 checkpoints" in out and why in out
+        assert card.count("CC-BY-NC 4.0") == 2  # at the top and in the licence section
+
+
+def test_official_weights_get_the_licence_warning_and_no_record(make_model, tmp_path, capsys):
+    import transformers
+    model = make_model("convnextv2_atto", decoder_embed_dim=64, decoder_depth=2).eval()
+    path = tmp_path / "checkpoint-41.pth"
+    torch.save(minkowski_checkpoint(model), path)
+    config = transformers.ConvNextV2Config(depths=[2, 2, 6, 2], hidden_sizes=[40, 80, 160, 320], num_labels=5)
+    transformers.ConvNextV2ForImageClassification(config).save_pretrained(str(tmp_path / "hub"))
+    official, _ = weights.export(model, "official", tmp_path / "mine.pt")
+    mine, _ = weights.export(model, "timm", tmp_path / "mine.safetensors")
+    for source, why in ((path, "they are in the official MinkowskiEngine layout"),
+                        (tmp_path / "hub", "they are in the layout of the Hub's facebook/convnextv2-* classifiers"),
+                        (official, "they are in the official dense layout"), (mine, None)):
+        code, out, err = export_cli(capsys, source, "--format", "hf", "--output", tmp_path / "card")
+        assert code == 0, err
+        meta, card = read_card(tmp_path / "card")
+        assert meta["license"] == "other" and "model-index" not in meta
+        assert "- Data, recipe and steps: not recorded" in card and "Evaluation: not recorded." in card
+        assert (why is not None) == ("warning: " in out) == ("Licence warning" in card), source
+        if why:
+            assert why in out and why in card
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--format", "hf", "--license", "not a licence!"], "--license 'not a licence!' is not a licence id; give an "
+                                                        "SPDX-like id such as apache-2.0, mit or cc-by-nc-4.0"),
+    (["--format", "timm", "--license", "mit"], "--license is for --format hf; leave it out of --format timm"),
+])
+def test_bad_licences_stop_with_one_sentence(args, message, tmp_path, capsys):
+    source, _ = weights.export(fcmae.create_model("convnextv2_atto"), "timm", tmp_path / "e.safetensors")
+    code, out, err = export_cli(capsys, source, "--output", tmp_path / "card", *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not (tmp_path / "card").exists()
+
+
 def run_cli(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -300,14 +419,37 @@ def test_export_from_an_interrupted_pretraining_checkpoint_and_init_from_it(tmp_
     exported = weights.load(tmp_path / "enc.pt")
     assert_same_tensors(exported, {k: v for k, v in trained.items() if k.startswith("encoder.")})
 
+    # the Hugging Face folder's model card tells the checkpoint's own record
+    _, report = weights.export(checkpoint, "hf", tmp_path / "hf")
+    meta, card = read_card(tmp_path / "hf")
+    assert meta["license"] == "other" and "model-index" not in meta and report["warning"] is None
+    for line in (f"- Data: `{data}`.", "- Training: FCMAE pretraining with fcmae, run folder `run`.",
+                 "effective batch 4 (4 per process x 1 accumulation x 1 processes), blr 0.01, lr 0.000156",
+                 "mask ratio 0.6, input size 64 px, max steps 1",
+                 "- Steps: global step 1, epoch 0 in progress with 1 of its steps done (state.json of "
+                 f"{checkpoint.name})",
+                 "Evaluation: not recorded (the run has no metrics.json).",
+                 "- Architecture: `convnextv2_atto`, depths 2, 2, 6, 2, widths 40, 80, 160, 320; 3.39M parameters",
+                 "- Input: 3 channels; trained at 64 px", "the licence was not stated"):
+        assert line in card, line
+    assert "Licence warning" not in card
+
     # --init starts a new run from those weights (lr 0: the first checkpoint still holds them)
     result = run_cli("pretrain.py", *SMALL, "--data_path", data, "--output_dir", tmp_path / "again",
                      "--max_steps", "1", "--init", tmp_path / "enc.pt", "--lr", "0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "loaded the encoder from" in result.stdout
-    again = load_file(str(next((tmp_path / "again" / "checkpoints").glob("checkpoint-*")) / "model.safetensors"))
+    again_checkpoint = next((tmp_path / "again" / "checkpoints").glob("checkpoint-*"))
+    again = load_file(str(again_checkpoint / "model.safetensors"))
     for key in exported:
         assert torch.equal(again[key], exported[key]), key
+    # a run started from weights in the official layout: the card and the report warn of CC-BY-NC
+    _, report = weights.export(again_checkpoint, "hf", tmp_path / "hf_again")
+    why = f"their run started from --init {tmp_path / 'enc.pt'}, and they are in the official dense layout"
+    assert why in report["warning"] and "CC-BY-NC 4.0" in report["warning"]
+    assert f"> **Licence warning:** {report['warning']}." in read_card(tmp_path / "hf_again")[1]
+    (tmp_path / "enc.pt").unlink()  # gone, and not named as the official releases are: nothing to go by
+    assert weights.export(again_checkpoint, "hf", tmp_path / "hf_again")[1]["warning"] is None
 
     # a bad file gives one sentence
     result = run_cli("-m", "fcmae.export", tmp_path / "missing.pt", "--format", "timm", "--output", tmp_path / "x")

@@ -64,6 +64,14 @@ def create_convnextv2(name, **kwargs):
     return model
 
 
+def average_pooled(trunk, imgs):
+    """The dense features of whole images averaged over the positions, (N, C): the stem and stages
+    of a timm convnextv2 or of our encoder (timm's `forward_features`, whose norm_pre convnextv2
+    has as the identity), no head norm. The mean in float32, so a half-precision trunk loses
+    nothing in it."""
+    return trunk.stages(trunk.stem(imgs)).float().mean(dim=(2, 3))
+
+
 class ConvNeXtV2Encoder(nn.Module):
     """ConvNeXt V2 trunk (stem and four stages, no head) whose forward runs a masked-input backend.
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from fcmae.config import ConfigError
 from fcmae.data import DataError
+from fcmae.models.convnextv2 import average_pooled
 from fcmae.training.waits import designed_wait, no_wait
 
 
@@ -84,8 +85,7 @@ def held_out_loss(run, model, dataset, num_visible):
 
 def pooled_features(encoder, imgs):
     """The encoder's dense features of whole images, globally average pooled and L2-normalised."""
-    x = encoder.stages(encoder.stem(imgs))
-    return F.normalize(x.float().mean(dim=(2, 3)), dim=1)
+    return F.normalize(average_pooled(encoder, imgs), dim=1)
 
 
 @torch.no_grad()
