@@ -100,7 +100,6 @@ def train(model, loss_of, steps=10, lr=2e-4):
         group["lr"] = lr * group["lr_scale"]
     losses = []
     for _ in range(steps):
-        torch.manual_seed(0)  # a detector's samplers draw the same way at every step: the batch stays fixed
         loss = loss_of(model)
         optimizer.zero_grad()
         loss.backward()
@@ -112,19 +111,20 @@ def train(model, loss_of, steps=10, lr=2e-4):
 def test_faster_rcnn_trains_on_the_fcmae_backbone(exports):
     torch.manual_seed(0)
     backbone = load_backbone(exports / "fcmae.safetensors")[0]
-    # torchvision's defaults, narrowed for two small images on a CPU: a 64-channel pyramid, a 256-wide box head,
-    # fewer proposals
+    # torchvision's defaults, narrowed for two small images on a CPU (a 64-channel pyramid, a 256-wide box head, fewer
+    # proposals), and every anchor and proposal in the losses: no sampler draws, so the batch stays fixed
     box_head = torchvision.models.detection.faster_rcnn.TwoMLPHead(64 * 7 * 7, 256)
     detector = torchvision.models.detection.FasterRCNN(
         FeaturePyramid(backbone, out_channels=64), min_size=96, max_size=128, image_mean=backbone.mean,
         image_std=backbone.std, box_head=box_head, box_predictor=FastRCNNPredictor(256, 3),
-        rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, box_batch_size_per_image=64)
+        rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100, rpn_batch_size_per_image=100_000,
+        box_batch_size_per_image=100_000)
     x, targets, _ = boxes_and_masks()
     detector.train()
     losses = train(detector, lambda m: sum(m(list(x), targets).values()), lr=3e-4)
     # as the proposals improve, more of them are positive and add box-regression loss, so the total falls
-    # unevenly: the last steps' mean against the first steps'
-    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+    # unevenly: the last steps' mean against the first steps' (0.5 to 0.7 over 3 seeds and 1 or 2 threads)
+    assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < 0.85 * sum(losses[:3]), losses
     detector.eval()
     with torch.no_grad():
         detections = detector(list(x))
