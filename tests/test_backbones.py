@@ -36,7 +36,8 @@ def test_timm_features_only_gives_four_maps_equal_to_the_backbones(exports):
     x = images()
     with torch.no_grad():
         maps = features(x)
-        assert [m.shape for m in maps] == [(2, c, 96 // s, 128 // s) for c, s in zip((40, 80, 160, 320), (4, 8, 16, 32))]
+        widths, strides = (40, 80, 160, 320), (4, 8, 16, 32)
+        assert [m.shape for m in maps] == [(2, c, 96 // s, 128 // s) for c, s in zip(widths, strides)]
         for layout in ("fcmae.safetensors", "timm.safetensors", "hf"):  # any layout gives the same backbone
             backbone = load_backbone(exports / layout)[0].eval()
             assert backbone.channels == [40, 80, 160, 320] and backbone.strides == [4, 8, 16, 32]

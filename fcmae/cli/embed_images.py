@@ -19,7 +19,6 @@ OUTPUT.parts/ when done; a run that was stopped continues with the parts it had 
 Under accelerate launch each process embeds its own parts and the first writes the output.
 """
 import csv
-import io
 import json
 import math
 import shutil
@@ -38,6 +37,7 @@ from fcmae.data.tar_shards import ShardSource
 from fcmae.models import ENCODER_STRIDE
 from fcmae.models.convnextv2 import average_pooled
 from fcmae.weights import WeightsError, load_timm
+from fcmae.weights.files import atomic_write
 
 OUTPUT_KINDS = ("pooled", "pre_logits", "logits")
 SUFFIXES = (".parquet", ".npy")
@@ -154,9 +154,7 @@ class Parts:
         plan_file = self.folder / "plan.json"
         if main_process and not plan_file.is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
-            partial = self.folder / ".plan.json.partial"
-            partial.write_text(json.dumps(self.plan, indent=1))
-            partial.replace(plan_file)
+            atomic_write(plan_file, lambda tmp: tmp.write_text(json.dumps(self.plan, indent=1)))
 
     def check(self):
         theirs = json.loads((self.folder / "plan.json").read_text())
@@ -166,13 +164,10 @@ class Parts:
                               "give the same settings to continue it, or delete the folder to start again")
 
     def write(self, part, embeddings, records, unreadable):
-        buffer = io.BytesIO()
-        np.savez(buffer, embeddings=embeddings, index=np.array([r.seed_index for r in records], dtype=np.int64),
-                 label=np.array([-1 if r.label is None else r.label for r in records], dtype=np.int64),
-                 name=np.array([r.name for r in records], dtype=str), unreadable=np.array(unreadable, dtype=str))
-        partial = self.folder / f".{self.path(part).name}.partial"
-        partial.write_bytes(buffer.getvalue())
-        partial.replace(self.path(part))
+        columns = dict(embeddings=embeddings, index=np.array([r.seed_index for r in records], dtype=np.int64),
+                       label=np.array([-1 if r.label is None else r.label for r in records], dtype=np.int64),
+                       name=np.array([r.name for r in records], dtype=str), unreadable=np.array(unreadable, dtype=str))
+        atomic_write(self.path(part), lambda tmp: save_npz(tmp, columns))
 
     def read_all(self, count):
         parts = [np.load(self.path(p)) for p in range(count)]
@@ -181,10 +176,9 @@ class Parts:
 
 
 def write_output(path, rows, classes):
-    """The embeddings and their columns, written whole and then renamed."""
+    """The embeddings and their columns, each file written whole and then renamed (the .csv index first)."""
     labels = [None if label < 0 else int(label) for label in rows["label"]]
     names = [None if label is None or classes is None else classes[label] for label in labels]
-    partial = path.with_name(f".{path.name}.partial")
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -194,18 +188,27 @@ def write_output(path, rows, classes):
         table = pa.table({"index": pa.array(rows["index"], pa.int64()), "name": pa.array(rows["name"].tolist()),
                           "label": pa.array(labels, pa.int64()), "class": pa.array(names, pa.string()),
                           "embedding": column})
-        pq.write_table(table, partial)
-    else:
-        with open(partial, "wb") as f:
-            np.save(f, rows["embeddings"])
-        index = path.with_suffix(".csv")
-        index_partial = index.with_name(f".{index.name}.partial")
-        with open(index_partial, "w", newline="") as f:
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+        return
+
+    def write_index(tmp):
+        with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "name", "label", "class"])
             writer.writerows(zip(rows["index"].tolist(), rows["name"].tolist(), labels, names))
-        index_partial.replace(index)
-    partial.replace(path)
+
+    atomic_write(path.with_suffix(".csv"), write_index)
+    atomic_write(path, lambda tmp: save_npy(tmp, rows["embeddings"]))
+
+
+def save_npz(path, columns):
+    with open(path, "wb") as f:  # a file, not a name: numpy would add .npz to the temporary name
+        np.savez(f, **columns)
+
+
+def save_npy(path, array):
+    with open(path, "wb") as f:
+        np.save(f, array)
 
 
 def part_batches(source, part, parts, batch_size):
