@@ -78,6 +78,8 @@ def test_embeddings_equal_timms_forward_in_the_folders_order(photos, weights, tm
                    "--part_size", "7")
     assert result.returncode == 0, result.stderr
     assert "1 unreadable image(s) left out" in result.stdout and "99_damaged.jpg" in result.stderr
+    assert (f"normalised with those kept with the weights ({encoder})" if kind == "pooled"
+            else "normalised with ImageNet's (the weights keep none)") in result.stdout
     table = pq.read_table(out).to_pandas()
     files = sorted(str(p) for p in photos.glob("*/*") if "damaged" not in p.name)
     assert list(table["name"]) == files  # class folders in order, the damaged file left out

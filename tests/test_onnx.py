@@ -12,6 +12,7 @@ import torch
 
 import fcmae
 from fcmae import weights
+from fcmae.data.statistics import statistics_for
 from fcmae.models.convnextv2 import average_pooled
 from fcmae.weights import onnx as onnx_export
 from conftest import randomize_, rel_err
@@ -78,7 +79,7 @@ def test_features_match_pytorch_at_other_batch_sizes_and_the_fp16_graph_is_writt
     stored = onnx.load(str(half)).graph
     assert {i.data_type for i in stored.initializer if i.dims and len(i.dims) > 1} == {onnx.TensorProto.FLOAT16}
     assert stored.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # takes what the fp32 graph takes
-    photos = onnx_export.sample_batch(3, SIZE, onnx_export.input_statistics(encoder_file, 3))
+    photos = onnx_export.sample_batch(3, SIZE, statistics_for(encoder_file, 3))
     (got,) = session(half).run(None, {"images": photos})
     (want,) = session(path).run(None, {"images": photos})
     assert got.dtype == np.float32 and np.isfinite(got).all() and rel_err(torch.from_numpy(got),
@@ -102,7 +103,7 @@ def test_a_classifier_exports_its_logits_with_the_statistics_it_keeps(classifier
         want = reference.eval()(imgs)
     assert got.shape == (3, 5) and rel_err(torch.from_numpy(got), want) < 1e-4
     # the photographs' RGB repeated over the 4 channels, normalised per channel
-    photos = onnx_export.sample_batch(4, SIZE, onnx_export.input_statistics(classifier_file, 4))
+    photos = onnx_export.sample_batch(4, SIZE, statistics_for(classifier_file, 4))
     mean, std = np.array([0.1, 0.2, 0.3, 0.4]), np.array([0.5, 0.6, 0.7, 0.8])
     pixels = photos * std[None, :, None, None] + mean[None, :, None, None]
     assert photos.shape == (8, 4, SIZE, SIZE) and np.allclose(pixels[:, 3], pixels[:, 0], atol=1e-6)
@@ -125,9 +126,41 @@ def test_fp16_overflow_in_grn_is_refused_and_named(tmp_path, capsys):
     assert sentence in out.splitlines()
     assert not half.exists()
     assert metadata(path)["fp16"] == sentence
-    photos = onnx_export.sample_batch(3, SIZE, onnx_export.input_statistics(source, 3))
+    photos = onnx_export.sample_batch(3, SIZE, statistics_for(source, 3))
     (features,) = session(path).run(None, {"images": photos})
     assert np.isfinite(features).all()  # float32 is fine: the overflow is float16's
+
+
+def test_weights_without_statistics_take_them_from_the_flags(tmp_path, capsys):
+    """A 5-channel timm file keeps no statistics and has no defaults: one sentence says to give
+    --mean and --std, and with them the graph's metadata holds them."""
+    model = timm.create_model("convnextv2_atto", num_classes=0, in_chans=5)
+    source = weights.save_weights(model.state_dict(), tmp_path / "bands.safetensors")
+    path = tmp_path / "bands.onnx"
+    code, out, err = export_cli(capsys, source, "--format", "onnx", "--output", path, "--input_size", SIZE)
+    assert code == 2 and not path.exists() and len(err.splitlines()) == 1
+    assert f"{source} keeps no statistics of its input, and 5-channel images have no default statistics" in err
+    assert "give --mean and --std with 5 values each" in err
+    code, out, err = export_cli(capsys, source, "--format", "onnx", "--output", path, "--input_size", SIZE,
+                                "--mean", "0.1,0.2,0.3,0.4,0.5", "--std", "1,2,3,4,5")
+    assert code == 0, err
+    assert "the normalisation in its metadata: given (--mean, --std)" in out
+    meta = metadata(path)
+    assert json.loads(meta["mean"]) == [0.1, 0.2, 0.3, 0.4, 0.5] and json.loads(meta["std"]) == [1, 2, 3, 4, 5]
+    code, out, err = export_cli(capsys, source, "--format", "onnx", "--output", path, "--mean", "0.1,0.2")
+    assert code == 2 and "--mean and --std go together" in err
+    code, out, err = export_cli(capsys, source, "--format", "timm", "--output", tmp_path / "t.safetensors",
+                                "--mean", "0.1,0.2,0.3,0.4,0.5", "--std", "1,2,3,4,5")
+    assert code == 2 and "--mean is for --format onnx" in err
+
+
+def test_statistics_kept_for_other_channels_are_refused_in_one_sentence(classifier_file):
+    with pytest.raises(fcmae.config.ConfigError) as caught:
+        statistics_for(classifier_file, 3)  # the file keeps 4 channels' statistics
+    assert str(caught.value) == (f"the statistics kept with the weights ({classifier_file}) have 4 channels and "
+                                 "the weights take 3; they do not belong together, so give --mean and --std with 3 "
+                                 "values each")
+    assert statistics_for(classifier_file, 3, (0.5,) * 3, (0.2,) * 3)["mean"] == (0.5,) * 3  # the flags win
 
 
 @pytest.mark.parametrize("module", ["onnxruntime", "onnx"])

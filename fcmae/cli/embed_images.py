@@ -226,7 +226,8 @@ def main(argv=None):
         model, report = load_timm(args.weights)
         embed = embedding_function(model, report, args.output_kind, args.weights)
         in_chans = model.stem[0].in_channels
-        mean, std = statistics_for(args.weights, in_chans, args.mean, args.std)
+        statistics = statistics_for(args.weights, in_chans, args.mean, args.std)
+        mean, std = statistics["mean"], statistics["std"]
         source = open_labelled(args.data, Selection(None, args.image_column, args.label_column))
     except (ConfigError, WeightsError) as err:
         parser.error(str(err) if not isinstance(err, WeightsError) else f"{args.weights}: {err}")
@@ -252,7 +253,7 @@ def main(argv=None):
     done_before = sum(parts.done(p) for p in range(count))
     say(f"embedding {len(source)} images of {source.where} in {count} parts ({done_before} done before) on {world} "
         f"process(es): {args.output_kind} of the {report['architecture'].name} of {args.weights}, "
-        f"{args.input_size} px")
+        f"{args.input_size} px, normalised with {statistics['source']}")
 
     device = accelerator.device
     model = model.to(device).eval()

@@ -11,7 +11,7 @@ fine-tuned classifier. hf writes a model card (README.md) for the Hub beside the
 writes timm's convnextv2 as one graph (features or logits, batch axis dynamic) and, when it stays
 finite in float16 on sample photographs, its float16 graph too (see docs/serving.md).
 """
-from fcmae.config import ArgumentParser, command_name, number
+from fcmae.config import ArgumentParser, ConfigError, command_name, float_list, number
 from fcmae.weights import EXPORT_FORMATS, WeightsError, export
 from fcmae.weights import onnx as onnx_export
 
@@ -34,11 +34,17 @@ def get_args_parser():
                              "features (default: auto)")
     parser.add_argument("--input_size", default=None, type=number(int, 32),
                         help=f"onnx: the image side the graph is traced at (default: {DEFAULT_INPUT_SIZE})")
+    parser.add_argument("--mean", default=None, type=float_list,
+                        help="onnx: the per-channel mean the graph's input is normalised with, written in its "
+                             "metadata (default: the one the weights keep, else ImageNet's for RGB and greyscale)")
+    parser.add_argument("--std", default=None, type=float_list, help="onnx: the per-channel standard deviation, "
+                                                                      "as --mean")
     return parser
 
 
 # the flags that belong to one format
-FORMAT_FLAGS = (("license", "hf"), ("onnx_output", "onnx"), ("input_size", "onnx"))
+FORMAT_FLAGS = (("license", "hf"), ("onnx_output", "onnx"), ("input_size", "onnx"), ("mean", "onnx"),
+                ("std", "onnx"))
 
 
 def check_flags(parser, args):
@@ -55,9 +61,11 @@ def export_graph(parser, args):
         parser.error(str(err))
     try:
         path, report = onnx_export.export_onnx(args.checkpoint, args.output, args.onnx_output or "auto",
-                                               args.input_size or DEFAULT_INPUT_SIZE)
+                                               args.input_size or DEFAULT_INPUT_SIZE, args.mean, args.std)
     except WeightsError as err:
         parser.error(f"{args.checkpoint}: {err}")
+    except ConfigError as err:  # the statistics: its sentence names the weights
+        parser.error(str(err))
     shape = (f"(batch, {report['width']})" if report["output"] == "features"
              else f"(batch, {report['num_classes']})")
     print(f"wrote the ONNX graph of {report['model']} to {path}: {onnx_export.INPUT} (batch, {report['in_chans']}, "

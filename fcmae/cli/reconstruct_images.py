@@ -71,7 +71,8 @@ def main(argv=None):
     if args.show_channels is not None and max(args.show_channels) >= in_chans:
         parser.error(f"--show_channels names a channel beyond the {in_chans} the model takes (counted from 0)")
     try:
-        mean, std = statistics_for(args.weights, in_chans, args.mean, args.std)
+        statistics = statistics_for(args.weights, in_chans, args.mean, args.std)
+        mean, std = statistics["mean"], statistics["std"]
     except ConfigError as err:
         parser.error(str(err))
     view = view_transform(args.input_size, in_chans, mean, std)

@@ -144,13 +144,26 @@ def channel_names(args, weights=None):
 
 
 def statistics_for(weights, in_chans, mean=None, std=None):
-    """(mean, std) a command that runs `weights` normalises with: --mean/--std when given, else
-    those the weights keep (fcmae.weights.read_statistics), else the defaults of `normalization`;
-    ConfigError (one sentence) when none applies."""
+    """The input statistics a command that runs `weights` normalises with, as {"mean", "std",
+    "channel_names", "source"} (source: where they come from, in words): --mean/--std when given,
+    else those the weights keep (fcmae.weights.read_statistics), else the defaults of
+    `normalization`; ConfigError (one sentence) when none applies, or when the kept ones have
+    another channel count than the weights take."""
     from fcmae.weights import read_statistics
 
-    kept = read_statistics(weights) if mean is None and std is None else None
+    if mean is not None or std is not None:
+        mean, std = normalization(in_chans, mean, std)
+        return {"mean": mean, "std": std, "channel_names": None, "source": "given (--mean, --std)"}
+    kept = read_statistics(weights)
+    if kept is not None:
+        if len(kept["mean"]) != in_chans:
+            raise ConfigError(f"the statistics kept with the weights ({kept['source']}) have {len(kept['mean'])} "
+                              f"channels and the weights take {in_chans}; they do not belong together, so give "
+                              f"--mean and --std with {in_chans} values each")
+        return {**kept, "source": f"those kept with the weights ({kept['source']})"}
     try:
-        return normalization(in_chans, *((kept["mean"], kept["std"]) if kept else (mean, std)))
+        mean, std = normalization(in_chans)
     except ConfigError as err:
         raise ConfigError(f"{weights} keeps no statistics of its input, and {err}") from None
+    where = "ImageNet's" if in_chans == 3 else "ImageNet's mean over RGB"
+    return {"mean": mean, "std": std, "channel_names": None, "source": f"{where} (the weights keep none)"}

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fcmae.config import ConfigError
 from fcmae.models.convnextv2 import MODEL_SPECS, average_pooled, model_name
-from fcmae.weights.files import WeightsError, atomic_write, read_statistics
+from fcmae.weights.files import WeightsError, atomic_write
 from fcmae.weights.reading import load_timm
 
 MISSING = '--format onnx needs onnx and onnxruntime: pip install "fcmae[onnx]"'
@@ -84,28 +83,6 @@ def graph_module(model, output):
     if output not in OUTPUTS:
         raise WeightsError(f"unknown ONNX output {output!r}; choose one of: auto, {', '.join(OUTPUTS)}")
     return (model if output == "logits" else PooledFeatures(model)).eval(), output
-
-
-def input_statistics(source, in_chans):
-    """{"mean", "std", "channel_names", "source"}: those the weights were trained with where they
-    keep them (read_statistics), else the defaults (ImageNet's; their mean for greyscale)."""
-    from fcmae.data.transforms import normalization
-
-    kept = read_statistics(source)
-    if kept is not None:
-        if len(kept["mean"]) != in_chans:
-            raise WeightsError(f"the statistics kept with the weights ({kept['source']}) have {len(kept['mean'])} "
-                               f"channels and the weights take {in_chans}; they do not belong together")
-        return {**kept, "source": f"those kept with the weights ({kept['source']})"}
-    try:
-        mean, std = normalization(in_chans)
-    except ConfigError:
-        raise WeightsError(f"the weights keep no statistics of their {in_chans}-channel input and there are no "
-                           "defaults for it; export the run's encoder.safetensors or a checkpoint folder of the "
-                           "run, whose statistics.json holds them") from None
-    where = "ImageNet's" if in_chans == 3 else "ImageNet's mean over RGB"
-    where += " (the weights keep none)"
-    return {"mean": mean, "std": std, "channel_names": None, "source": where}
 
 
 def sample_batch(in_chans, size, statistics, count=CHECK_IMAGES):
@@ -268,19 +245,23 @@ def save(proto, path, parameters):
     atomic_write(path, lambda tmp: onnx.save_model(proto, str(tmp), **options))
 
 
-def export_onnx(source, path, output="auto", input_size=224):
+def export_onnx(source, path, output="auto", input_size=224, mean=None, std=None):
     """Export the weights at `source` (any checkpoint fcmae.weights reads) as an ONNX graph at
     `path`: timm's convnextv2 of their size and input channels, loaded strictly, traced at
     `input_size` with a dynamic batch, ending in `output` ("features", "logits" when the weights
-    have a classifier, or "auto": logits when they have one, else features). Runs the fp16 check
-    (see the module's notes) and writes the float16 graph beside it when that passes. Returns
+    have a classifier, or "auto": logits when they have one, else features). The normalisation in
+    its metadata is `mean`/`std` when given, else the statistics the weights keep, else the
+    defaults (fcmae.data.statistics.statistics_for; ConfigError when none applies). Runs the fp16
+    check (see the module's notes) and writes the float16 graph beside it when that passes. Returns
     (path, report): "output", "model", "in_chans", "statistics", "fp16" (the float16 graph's path
     or None), "fp16_problem" (the sentence, or None), "fp16_difference" (relative, or None)."""
     require()
     model, _ = load_timm(source)
     name, in_chans = model_name(model), model.stem[0].in_channels
     module, output = graph_module(model, output)
-    statistics = input_statistics(source, in_chans)
+    from fcmae.data.statistics import statistics_for
+
+    statistics = statistics_for(source, in_chans, mean, std)
     batch = sample_batch(in_chans, input_size, statistics)  # before the trace: a problem with them is cheap
     problem = fp16_check(module, batch, output)
     proto = trace(module, in_chans, input_size, output)
