@@ -154,13 +154,18 @@ def test_weights_without_statistics_take_them_from_the_flags(tmp_path, capsys):
     assert code == 2 and "--mean is for --format onnx" in err
 
 
-def test_statistics_kept_for_other_channels_are_refused_in_one_sentence(classifier_file):
+def test_statistics_kept_for_other_channels_are_refused_in_one_sentence(classifier_file, tmp_path):
     with pytest.raises(fcmae.config.ConfigError) as caught:
         statistics_for(classifier_file, 3)  # the file keeps 4 channels' statistics
     assert str(caught.value) == (f"the statistics kept with the weights ({classifier_file}) have 4 channels and "
                                  "the weights take 3; they do not belong together, so give --mean and --std with 3 "
                                  "values each")
     assert statistics_for(classifier_file, 3, (0.5,) * 3, (0.2,) * 3)["mean"] == (0.5,) * 3  # the flags win
+    model = timm.create_model("convnextv2_atto", num_classes=0)
+    flat = weights.save_weights(model.state_dict(), tmp_path / "flat.safetensors",
+                                metadata={"mean": "[0.5, 0.5, 0.5]", "std": "[0.2, 0.0, 0.2]"})
+    with pytest.raises(fcmae.config.ConfigError, match="must be positive in every channel, got 0.2,0,0.2"):
+        statistics_for(flat, 3)  # a kept std of 0 would divide by zero
 
 
 @pytest.mark.parametrize("module", ["onnxruntime", "onnx"])

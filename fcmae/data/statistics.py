@@ -160,7 +160,8 @@ def statistics_for(weights, in_chans, mean=None, std=None):
             raise ConfigError(f"the statistics kept with the weights ({kept['source']}) have {len(kept['mean'])} "
                               f"channels and the weights take {in_chans}; they do not belong together, so give "
                               f"--mean and --std with {in_chans} values each")
-        return {**kept, "source": f"those kept with the weights ({kept['source']})"}
+        mean, std = normalization(in_chans, kept["mean"], kept["std"])  # a kept std of 0 is refused too
+        return {**kept, "mean": mean, "std": std, "source": f"those kept with the weights ({kept['source']})"}
     try:
         mean, std = normalization(in_chans)
     except ConfigError as err:

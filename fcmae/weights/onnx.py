@@ -255,12 +255,12 @@ def export_onnx(source, path, output="auto", input_size=224, mean=None, std=None
     check (see the module's notes) and writes the float16 graph beside it when that passes. Returns
     (path, report): "output", "model", "in_chans", "statistics", "fp16" (the float16 graph's path
     or None), "fp16_problem" (the sentence, or None), "fp16_difference" (relative, or None)."""
+    from fcmae.data.statistics import statistics_for
+
     require()
     model, _ = load_timm(source)
     name, in_chans = model_name(model), model.stem[0].in_channels
     module, output = graph_module(model, output)
-    from fcmae.data.statistics import statistics_for
-
     statistics = statistics_for(source, in_chans, mean, std)
     batch = sample_batch(in_chans, input_size, statistics)  # before the trace: a problem with them is cheap
     problem = fp16_check(module, batch, output)
